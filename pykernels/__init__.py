@@ -1,0 +1,27 @@
+"""pykernels: fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in
+``nn.Module``s with full autograd.
+
+    from pykernels import DropPath
+    from pykernels.functional import drop_path_add
+    pykernels.swap(model)
+
+Importing never fails because Triton, the compiled extension or a GPU is missing: each op falls back to a
+backend that is there (``python -m pykernels info`` says which).
+"""
+
+from pykernels import backends as _backends
+
+_backends.extension_status()  # load pykernels._C (if built) before the ops register their fake kernels
+
+from pykernels import functional  # noqa: E402
+from pykernels.backends import BackendNotSupportedError, use_backend  # noqa: E402
+from pykernels.modules import DropPath  # noqa: E402
+from pykernels.swap import swap  # noqa: E402
+
+
+def info() -> str:
+    """Versions, devices, and for each op and backend whether it is usable here (or why not)."""
+    return _backends.info()
+
+
+__all__ = ["BackendNotSupportedError", "DropPath", "functional", "info", "swap", "use_backend"]

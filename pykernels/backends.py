@@ -1,0 +1,289 @@
+"""Backend registry, capability checks and backend selection (xFormers' dispatch pattern, made small).
+
+Four backends can run a pykernels op:
+
+* ``triton`` - Triton kernels (``pykernels.triton_kernels``); CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1`` (how the tests run them on a machine without a GPU);
+* ``cuda``   - the CUDA kernels compiled into the extension ``pykernels._C``;
+* ``cpp``    - the C++ CPU kernels compiled into ``pykernels._C``;
+* ``torch``  - the pure-PyTorch reference (``pykernels.reference``): any device, the fallback.
+
+Each op declares, per backend, what it supports (:class:`KernelSpec`) and can say *why* a backend
+cannot serve a call (:meth:`Op.not_supported_reasons`). Selection (:meth:`Op.select`):
+
+* explicit - the ``backend=`` argument, else the innermost :func:`use_backend` context, else the
+  ``PYKERNELS_BACKEND`` environment variable; an explicit choice that cannot serve the call raises
+  :class:`BackendNotSupportedError` listing every backend's reasons;
+* automatic - the first backend of the op's priority list for the device (CUDA: the op's preferred
+  GPU backend first; CPU: ``cpp`` if built, else ``torch``) that supports the call; it falls back quietly.
+
+Importing this module never fails because Triton, the extension or CUDA is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+_CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("pykernels_backend", default=None)
+_OPS: dict[str, Op] = {}
+
+
+class BackendNotSupportedError(RuntimeError):
+    """An explicitly chosen backend cannot serve a call (the message lists every backend's reasons)."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown pykernels backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run every pykernels op inside the ``with`` block on backend ``name`` (``None``: automatic choice).
+
+    Example::
+
+        with pykernels.use_backend("cpp"):
+            y = pykernels.functional.drop_path_add(x, branch, 0.1)
+    """
+    token = _CONTEXT_BACKEND.set(None if name is None else _check_name(name))
+    try:
+        yield
+    finally:
+        _CONTEXT_BACKEND.reset(token)
+
+
+def requested_backend(explicit: str | None = None) -> str | None:
+    """The explicit backend in force: argument > :func:`use_backend` > ``PYKERNELS_BACKEND``; None = automatic."""
+    if explicit:
+        return _check_name(explicit)
+    ctx = _CONTEXT_BACKEND.get()
+    if ctx:
+        return ctx
+    env = os.environ.get("PYKERNELS_BACKEND", "").strip().lower()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError(f"PYKERNELS_BACKEND={env!r} is not a backend; choose one of {', '.join(BACKENDS)} or auto")
+        return env
+    return None
+
+
+# ---- what is installed ------------------------------------------------------------------------------------------
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), e.g. on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_status() -> tuple[bool, str]:
+    """(importable, version or the reason it is not)."""
+    try:
+        import triton
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"Triton is not importable ({type(exc).__name__}: {exc})"
+    return True, triton.__version__
+
+
+@functools.cache
+def extension_status() -> tuple[bool, str]:
+    """(``pykernels._C`` loaded, '' or the reason it is not)."""
+    try:
+        import pykernels._C  # noqa: F401  (registers torch.ops.pykernels.*)
+    except Exception as exc:
+        return False, (
+            f"the extension pykernels._C is not built or failed to load ({type(exc).__name__}: {exc}); "
+            "build it with `pip install --no-build-isolation -e .` (see README)"
+        )
+    return True, ""
+
+
+def has_compiled_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether ``pykernels._C`` registered a ``dispatch_key`` ("CPU"/"CUDA") kernel for ``pykernels::op_name``."""
+    if not extension_status()[0]:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"pykernels::{op_name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+# ---- per-op capability declarations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What one backend's implementation of one op supports.
+
+    Args:
+        devices: device types it runs on ("cpu", "cuda").
+        dtypes: supported input dtypes.
+        min_capability: minimum CUDA compute capability, for GPU backends.
+        compiled_op: for ``cpp``/``cuda``: the ``pykernels::`` op that must be registered in ``pykernels._C``.
+        check: op-specific extra check, called with the call's description; returns reasons (empty = fine).
+    """
+
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype] = FLOAT_DTYPES
+    min_capability: tuple[int, int] | None = None
+    compiled_op: str | None = None
+    check: Callable[..., list[str]] | None = field(default=None, compare=False)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+
+
+@dataclass
+class Op:
+    """A pykernels op: its backends' capabilities and its priority lists per device type."""
+
+    name: str
+    specs: dict[str, KernelSpec]
+    gpu_priority: Sequence[str]
+    cpu_priority: Sequence[str] = ("cpp", "torch")
+
+    def backend_reasons(self, backend: str, device: torch.device | None = None) -> list[str]:
+        """Why ``backend`` cannot run this op at all (nothing built / installed), or on ``device``."""
+        spec = self.specs.get(backend)
+        if spec is None:
+            return [f"{backend} has no implementation of {self.name}"]
+        reasons: list[str] = []
+        if backend == "triton":
+            ok, why = triton_status()
+            if not ok:
+                reasons.append(why)
+            if device is not None and device.type == "cpu" and not triton_interpret():
+                reasons.append("Triton runs on CPU tensors only under TRITON_INTERPRET=1 (the interpreter)")
+        elif backend in ("cpp", "cuda"):
+            ok, why = extension_status()
+            if not ok:
+                reasons.append(why)
+            elif spec.compiled_op and not has_compiled_kernel(spec.compiled_op, "CPU" if backend == "cpp" else "CUDA"):
+                if backend == "cuda":
+                    reasons.append(
+                        "pykernels._C was built without its CUDA kernels (no CUDA torch or nvcc at build time, "
+                        "or PYKERNELS_SKIP_CUDA_BUILD=1)"
+                    )
+                else:
+                    reasons.append(f"pykernels._C has no CPU kernel for {spec.compiled_op}")
+        if device is not None:
+            if device.type == "cuda" and not torch.cuda.is_available():
+                reasons.append("no CUDA device (torch.cuda.is_available() is False)")
+            if device.type not in spec.devices:
+                reasons.append(f"{backend} runs {self.name} on {'/'.join(sorted(spec.devices))} tensors, not {device.type}")
+            elif spec.min_capability is not None and device.type == "cuda":
+                cap = cuda_capability(device)
+                if cap is not None and cap < spec.min_capability:
+                    want = "sm_%d%d" % spec.min_capability
+                    reasons.append(f"{backend} needs compute capability >= {want}, device has sm_{cap[0]}{cap[1]}")
+        return reasons
+
+    def not_supported_reasons(self, backend: str, device: torch.device, dtypes: Sequence[torch.dtype], **call) -> list[str]:
+        """Every reason ``backend`` cannot serve a call on ``device`` with input ``dtypes`` (empty: it can)."""
+        reasons = self.backend_reasons(backend, device)
+        spec = self.specs.get(backend)
+        if spec is None:
+            return reasons
+        bad = sorted({str(d).replace("torch.", "") for d in dtypes if d not in spec.dtypes})
+        if bad:
+            reasons.append(f"dtype {', '.join(bad)} not supported by {backend} (supported: {_dtype_names(spec.dtypes)})")
+        if spec.check is not None and not bad:
+            reasons += spec.check(device=device, dtypes=dtypes, **call)
+        return reasons
+
+    def select(self, device: torch.device, dtypes: Sequence[torch.dtype], backend: str | None = None, **call) -> str:
+        """The backend that runs this call (see the module docstring for the rules)."""
+        explicit = requested_backend(backend)
+        if explicit is not None:
+            if not self.not_supported_reasons(explicit, device, dtypes, **call):
+                return explicit
+            lines = [f"pykernels backend {explicit!r} cannot run {self.name} for this call:"]
+            for name in BACKENDS:
+                why = self.not_supported_reasons(name, device, dtypes, **call)
+                lines.append(f"  {name}: " + ("supported" if not why else "; ".join(why)))
+            raise BackendNotSupportedError("\n".join(lines))
+        priority = self.gpu_priority if device.type == "cuda" else self.cpu_priority
+        for name in priority:
+            if not self.not_supported_reasons(name, device, dtypes, **call):
+                return name
+        lines = [f"no pykernels backend can run {self.name} for this call:"]
+        for name in BACKENDS:
+            lines.append(f"  {name}: " + "; ".join(self.not_supported_reasons(name, device, dtypes, **call) or ["-"]))
+        raise BackendNotSupportedError("\n".join(lines))
+
+
+def register_op(op: Op) -> Op:
+    _OPS[op.name] = op
+    return op
+
+
+def registered_ops() -> dict[str, Op]:
+    """Every registered op by name (importing :mod:`pykernels` registers them all)."""
+    return dict(_OPS)
+
+
+def info() -> str:
+    """A human-readable report: versions, devices, and for each op and backend whether it is usable (or why not)."""
+    import platform
+
+    lines = [
+        f"pykernels {_version()}",
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"triton {triton_status()[1] if triton_status()[0] else 'not installed'}, "
+        f"CUDA (torch build) {torch.version.cuda or 'none'}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            cap = torch.cuda.get_device_capability(i)
+            lines.append(f"device cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+    else:
+        lines.append("device: cpu only (torch.cuda.is_available() is False)")
+    lines.append(f"cpu threads: {torch.get_num_threads()}")
+    ext_ok, ext_why = extension_status()
+    lines.append("extension pykernels._C: " + ("loaded" if ext_ok else ext_why))
+    lines.append(f"TRITON_INTERPRET={'1' if triton_interpret() else '0'}; PYKERNELS_BACKEND={os.environ.get('PYKERNELS_BACKEND', '') or 'auto'}")
+    devices = [torch.device("cpu"), torch.device("cuda")]
+    for op in _OPS.values():
+        lines.append("")
+        lines.append(f"op {op.name}  (auto order: cuda -> {', '.join(op.gpu_priority)}; cpu -> {', '.join(op.cpu_priority)})")
+        for name in BACKENDS:
+            for device in devices:
+                spec = op.specs.get(name)
+                why = op.backend_reasons(name, device)
+                if spec is not None and device.type not in spec.devices:
+                    continue  # e.g. cpp on cuda: not a combination worth a line
+                status = "available" if not why else "unavailable: " + "; ".join(why)
+                dtypes = f" [{_dtype_names(spec.dtypes)}]" if spec is not None and not why else ""
+                if name == "cuda" and spec is not None and spec.compiled_op and why:
+                    built = has_compiled_kernel(spec.compiled_op, "CUDA")
+                    status += f" (CUDA kernels {'built into' if built else 'not in'} pykernels._C)"
+                lines.append(f"  {name:<7} {device.type:<5} {status}{dtypes}")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pykernels")
+    except Exception:
+        return "(not installed)"

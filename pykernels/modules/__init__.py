@@ -1,0 +1,5 @@
+"""Public nn.Modules of pykernels (each with a ``from_module`` converter)."""
+
+from pykernels.modules.drop_path import DropPath
+
+__all__ = ["DropPath"]

@@ -1,0 +1,76 @@
+"""Model surgery: find layers pykernels knows in a timm / torchvision / Hugging Face model and replace them,
+weights and train/eval state included, with their pykernels counterparts.
+
+Example::
+
+    model = timm.create_model("convnext_tiny", drop_path_rate=0.1)
+    pykernels.swap(model)            # every timm DropPath is now a pykernels.DropPath
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from pykernels.modules import DropPath
+
+
+@dataclass(frozen=True)
+class Converter:
+    """``matches(module)`` says whether ``convert(module)`` can replace it; ``kind`` names it for include/exclude."""
+
+    kind: str
+    matches: Callable[[nn.Module], bool]
+    convert: Callable[[nn.Module], nn.Module]
+
+
+def _is_drop_path(m: nn.Module) -> bool:
+    name = type(m).__name__
+    if isinstance(m, DropPath):
+        return False
+    if name == "StochasticDepth":
+        return hasattr(m, "p") and hasattr(m, "mode")
+    return name.endswith("DropPath") and hasattr(m, "drop_prob")
+
+
+CONVERTERS: list[Converter] = [Converter("drop_path", _is_drop_path, DropPath.from_module)]
+
+
+def swap(
+    model: nn.Module,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    verbose: bool = False,
+) -> nn.Module:
+    """Replace, in place, every sub-module that a pykernels module can stand in for.
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
+        include: kinds to swap (default: all known: ``"drop_path"``).
+        exclude: kinds to leave alone.
+        verbose: print one line per replaced module.
+
+    Returns:
+        ``model`` itself, with ``model.pykernels_swapped`` set to the list of replaced module names.
+    """
+    kinds = {c.kind for c in CONVERTERS}
+    include = set(kinds if include is None else include)
+    unknown = (include | set(exclude)) - kinds
+    if unknown:
+        raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(kinds)}")
+    active = [c for c in CONVERTERS if c.kind in include and c.kind not in set(exclude)]
+    swapped: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            for conv in active:
+                if conv.matches(child):
+                    setattr(parent, child_name, conv.convert(child))
+                    full = f"{parent_name}.{child_name}" if parent_name else child_name
+                    swapped.append(full)
+                    if verbose:
+                        print(f"pykernels.swap: {full}: {type(child).__name__} -> {type(getattr(parent, child_name)).__name__}")
+                    break
+    model.pykernels_swapped = swapped
+    return model

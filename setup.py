@@ -113,7 +113,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     name="pykernels",
     version="0.1.0",
-    description="Fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in nn.Modules",
+    description="Fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet blocks, as drop-in nn.Modules",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.10",

@@ -189,15 +189,19 @@ class Op:
             if device.type == "cuda" and not torch.cuda.is_available():
                 reasons.append("no CUDA device (torch.cuda.is_available() is False)")
             if device.type not in spec.devices:
-                reasons.append(f"{backend} runs {self.name} on {'/'.join(sorted(spec.devices))} tensors, not {device.type}")
+                reasons.append(
+                    f"{backend} runs {self.name} on {'/'.join(sorted(spec.devices))} tensors, not {device.type}"
+                )
             elif spec.min_capability is not None and device.type == "cuda":
                 cap = cuda_capability(device)
                 if cap is not None and cap < spec.min_capability:
-                    want = "sm_%d%d" % spec.min_capability
+                    want = "sm_{}{}".format(*spec.min_capability)
                     reasons.append(f"{backend} needs compute capability >= {want}, device has sm_{cap[0]}{cap[1]}")
         return reasons
 
-    def not_supported_reasons(self, backend: str, device: torch.device, dtypes: Sequence[torch.dtype], **call) -> list[str]:
+    def not_supported_reasons(
+        self, backend: str, device: torch.device, dtypes: Sequence[torch.dtype], **call
+    ) -> list[str]:
         """Every reason ``backend`` cannot serve a call on ``device`` with input ``dtypes`` (empty: it can)."""
         reasons = self.backend_reasons(backend, device)
         spec = self.specs.get(backend)
@@ -205,7 +209,9 @@ class Op:
             return reasons
         bad = sorted({str(d).replace("torch.", "") for d in dtypes if d not in spec.dtypes})
         if bad:
-            reasons.append(f"dtype {', '.join(bad)} not supported by {backend} (supported: {_dtype_names(spec.dtypes)})")
+            reasons.append(
+                f"dtype {', '.join(bad)} not supported by {backend} (supported: {_dtype_names(spec.dtypes)})"
+            )
         if spec.check is not None and not bad:
             reasons += spec.check(device=device, dtypes=dtypes, **call)
         return reasons
@@ -260,11 +266,16 @@ def info() -> str:
     lines.append(f"cpu threads: {torch.get_num_threads()}")
     ext_ok, ext_why = extension_status()
     lines.append("extension pykernels._C: " + ("loaded" if ext_ok else ext_why))
-    lines.append(f"TRITON_INTERPRET={'1' if triton_interpret() else '0'}; PYKERNELS_BACKEND={os.environ.get('PYKERNELS_BACKEND', '') or 'auto'}")
+    lines.append(
+        f"TRITON_INTERPRET={'1' if triton_interpret() else '0'}; "
+        f"PYKERNELS_BACKEND={os.environ.get('PYKERNELS_BACKEND', '') or 'auto'}"
+    )
     devices = [torch.device("cpu"), torch.device("cuda")]
     for op in _OPS.values():
         lines.append("")
-        lines.append(f"op {op.name}  (auto order: cuda -> {', '.join(op.gpu_priority)}; cpu -> {', '.join(op.cpu_priority)})")
+        lines.append(
+            f"op {op.name}  (auto order: cuda -> {', '.join(op.gpu_priority)}; cpu -> {', '.join(op.cpu_priority)})"
+        )
         for name in BACKENDS:
             for device in devices:
                 spec = op.specs.get(name)

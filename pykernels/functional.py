@@ -106,7 +106,9 @@ def drop_path_add(
     _check_tensor("branch", branch)
     _check_tensor("residual", residual, branch)
     if residual.shape != branch.shape:
-        raise ValueError(f"residual and branch must have the same shape, got {tuple(residual.shape)} and {tuple(branch.shape)}")
+        raise ValueError(
+            f"residual and branch must have the same shape, got {tuple(residual.shape)} and {tuple(branch.shape)}"
+        )
     if branch.dim() < 2:
         raise ValueError(f"branch must have a batch dim and at least one more dim, got shape {tuple(branch.shape)}")
     _check_drop_args(drop_prob, mode, rng)
@@ -193,7 +195,9 @@ def drop_path_branch(
 
 def _fused(residual, branch, scale, gamma, backend):
     if residual.shape != branch.shape:
-        raise ValueError(f"branch_fn must keep the shape of its input: {tuple(residual.shape)} -> {tuple(branch.shape)}")
+        raise ValueError(
+            f"branch_fn must keep the shape of its input: {tuple(residual.shape)} -> {tuple(branch.shape)}"
+        )
     channel_dim = 1
     if gamma is not None:
         channel_dim = _channel_dim(gamma, branch)

@@ -75,7 +75,9 @@ def draw_drop_path_scale(
     return scale.reshape(-1).expand(batch)
 
 
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> torch.Tensor:
+def drop_path(
+    x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True
+) -> torch.Tensor:
     """timm's ``drop_path`` as eager PyTorch ops (benchmark baseline)."""
     if drop_prob == 0.0 or not training:
         return x

@@ -70,7 +70,8 @@ def swap(
                     full = f"{parent_name}.{child_name}" if parent_name else child_name
                     swapped.append(full)
                     if verbose:
-                        print(f"pykernels.swap: {full}: {type(child).__name__} -> {type(getattr(parent, child_name)).__name__}")
+                        new_name = type(getattr(parent, child_name)).__name__
+                        print(f"pykernels.swap: {full}: {type(child).__name__} -> {new_name}")
                     break
     model.pykernels_swapped = swapped
     return model

@@ -116,9 +116,9 @@ def test_forward_backward_vs_oracle(device, backend, dtype, layout, shape, drop_
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
     eager_leaves = [t.detach().requires_grad_() for t in (residual, branch, gamma)]
     eager_grads = torch.autograd.grad(eager(*eager_leaves[:2], scale, eager_leaves[2]), eager_leaves, grad_out)
-    for name, got, want in zip(("residual", "branch"), grads[:2], ref_grads[:2]):
-        assert got.dtype == dtype, name
-        torch.testing.assert_close(got.double(), want.to(dtype).double(), **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+    for got, want in zip(grads[:2], ref_grads[:2]):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want.to(dtype).double(), **TOL[dtype])
     err = (grads[2].double() - ref_grads[2]).abs().max().item()
     eager_err = (eager_grads[2].reshape(-1).double() - ref_grads[2]).abs().max().item()
     floor = 1e-6 * ref_grads[2].abs().max().item() + 1e-6
@@ -142,18 +142,26 @@ def test_mixed_dtypes_promote_like_eager(device, backend, mix):
     gamma = torch.rand(40, dtype=g_dtype, device=device) if g_dtype else None
     scale = scale_for(2, 0.5, reference.promote_dtypes(branch, gamma), device)
     want = eager(residual, branch, scale, gamma)
-    reasons = ops.OP.not_supported_reasons(backend, torch.device(device), [residual.dtype, branch.dtype] + ([g_dtype] if g_dtype else []))
+    reasons = ops.OP.not_supported_reasons(
+        backend, torch.device(device), [residual.dtype, branch.dtype] + ([g_dtype] if g_dtype else [])
+    )
     if reasons:
         with pytest.raises(pykernels.BackendNotSupportedError, match="float64 cannot be mixed"):
             run(backend, residual, branch, scale, gamma, 2)
         return
     out = run(backend, residual, branch, scale, gamma, 2)
     assert out.dtype == want.dtype
-    torch.testing.assert_close(out, want, **TOL[torch.bfloat16 if torch.bfloat16 in (res_dtype, br_dtype) else torch.float16])
+    torch.testing.assert_close(
+        out, want, **TOL[torch.bfloat16 if torch.bfloat16 in (res_dtype, br_dtype) else torch.float16]
+    )
 
 
 @pytest.mark.parametrize("device,backend", device_backends(), ids=lambda v: str(v))
-@pytest.mark.parametrize("needs", list(itertools.product([False, True], repeat=3)), ids=lambda n: "rg_" + "".join("1" if x else "0" for x in n))
+@pytest.mark.parametrize(
+    "needs",
+    list(itertools.product([False, True], repeat=3)),
+    ids=lambda n: "rg_" + "".join("1" if x else "0" for x in n),
+)
 def test_requires_grad_subsets(device, backend, needs):
     """requires_grad on any subset of (residual, branch, gamma): the right grads, None for the others."""
     require_backend("drop_path_add", backend, device)
@@ -163,7 +171,12 @@ def test_requires_grad_subsets(device, backend, needs):
     out = F.drop_path_add(leaves[0], leaves[1], 0.5, leaves[2], backend=backend)
     torch.manual_seed(0)
     ref_leaves = [t.clone().requires_grad_(n) for t, n in zip((residual, branch, gamma), needs)]
-    ref = eager(ref_leaves[0], ref_leaves[1], reference.draw_drop_path_scale(2, 4, 0.5, dtype=torch.float32, device=device), ref_leaves[2])
+    ref = eager(
+        ref_leaves[0],
+        ref_leaves[1],
+        reference.draw_drop_path_scale(2, 4, 0.5, dtype=torch.float32, device=device),
+        ref_leaves[2],
+    )
     assert torch.equal(out, ref)
     if not any(needs):
         assert not out.requires_grad
@@ -190,13 +203,23 @@ def test_gradcheck_float64(backend, layout):
     def fn(r, b, g):
         return ops.drop_path_add(r, b, scale, g, channel_dim, None, backend)
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8)
-    assert torch.autograd.gradgradcheck(lambda r, b: ops.drop_path_add(r, b, scale, inputs[2].detach(), channel_dim, None, backend), inputs[:2])
+    # the interpreter is slow: Triton gets gradcheck's fast mode (a random projection of the Jacobian)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, fast_mode=backend == "triton")
+    assert torch.autograd.gradgradcheck(
+        lambda r, b: ops.drop_path_add(r, b, scale, inputs[2].detach(), channel_dim, None, backend),
+        inputs[:2],
+        fast_mode=backend == "triton",
+    )
 
 
 def _opcheck_samples(device):
     samples = []
-    for layout, shape in [("nchw", (2, 6, 3, 3)), ("channels_last", (2, 6, 3, 3)), ("tokens", (3, 5, 8)), ("token_view", (2, 4, 8))]:
+    for layout, shape in [
+        ("nchw", (2, 6, 3, 3)),
+        ("channels_last", (2, 6, 3, 3)),
+        ("tokens", (3, 5, 8)),
+        ("token_view", (2, 4, 8)),
+    ]:
         residual, branch, gamma = make_case(layout, shape, torch.float32, device)
         scale = torch.tensor([1.25, 0.0, 2.0][: shape[0]], device=device)
         channel_dim = F._channel_dim(gamma, branch)
@@ -209,7 +232,15 @@ def test_opcheck_python_ops(device, backend):
     require_backend("drop_path_add", backend, device)
     for residual, branch, scale, gamma, channel_dim in _opcheck_samples(device):
         for args in [
-            (residual.requires_grad_(), branch.requires_grad_(), scale, gamma.requires_grad_(), channel_dim, None, backend),
+            (
+                residual.requires_grad_(),
+                branch.requires_grad_(),
+                scale,
+                gamma.requires_grad_(),
+                channel_dim,
+                None,
+                backend,
+            ),
             (None, branch, scale, None, channel_dim, None, backend),
             (residual, branch, None, gamma, channel_dim, torch.float32, backend),
         ]:
@@ -226,10 +257,16 @@ def test_opcheck_compiled_ops(device):
     for residual, branch, scale, gamma, channel_dim in _opcheck_samples(device):
         branch = branch.contiguous() if not branch.is_contiguous() and branch.dim() == 3 else branch
         residual = torch.empty_like(branch).copy_(residual)
-        torch.library.opcheck(torch.ops.pykernels.drop_path_add_fwd.default, (residual, branch, scale, gamma, channel_dim))
-        torch.library.opcheck(torch.ops.pykernels.drop_path_add_fwd.default, (None, branch, None, None, channel_dim, torch.float16))
+        torch.library.opcheck(
+            torch.ops.pykernels.drop_path_add_fwd.default, (residual, branch, scale, gamma, channel_dim)
+        )
+        torch.library.opcheck(
+            torch.ops.pykernels.drop_path_add_fwd.default, (None, branch, None, None, channel_dim, torch.float16)
+        )
         grad_out = torch.randn_like(branch)
-        torch.library.opcheck(torch.ops.pykernels.drop_path_add_bwd.default, (grad_out, branch, scale, gamma, channel_dim, True))
+        torch.library.opcheck(
+            torch.ops.pykernels.drop_path_add_bwd.default, (grad_out, branch, scale, gamma, channel_dim, True)
+        )
 
 
 class _Block(torch.nn.Module):
@@ -332,12 +369,15 @@ def test_empty_and_tiny_batches(device, backend, shape):
     assert gamma.grad.shape == gamma.shape and branch.grad.shape == shape
 
 
-def test_batch_over_grid_limit_triton():
-    """Triton's launcher splits batches over CUDA's 65535 grid-y limit (checked on tiny rows)."""
-    require_backend("drop_path_add", "triton", "cpu" if not torch.cuda.is_available() else "cuda")
+def test_batch_over_grid_limit_triton(monkeypatch):
+    """Triton's launcher splits batches over CUDA's 65535 grid-y limit (the limit lowered to 3 to keep it fast)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(65537, 1, 2, device=device)
-    scale = torch.rand(65537, device=device)
+    require_backend("drop_path_add", "triton", device)
+    from pykernels.triton_kernels import drop_path as triton_drop_path
+
+    monkeypatch.setattr(triton_drop_path, "MAX_GRID_Y", 3)
+    x = torch.randn(8, 3, 5, device=device)
+    scale = torch.rand(8, device=device)
     out = ops.drop_path_add(x, x, scale, None, 1, None, "triton")
     torch.testing.assert_close(out, x + x * scale[:, None, None])
 

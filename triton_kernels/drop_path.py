@@ -204,7 +204,9 @@ def drop_path_add_bwd(grad_out, branch, scale, gamma, channel_dim: int, need_gra
     batch = grad_out.shape[0]
     channels = grad_out.shape[channel_dim]
     grad_branch = (
-        torch.empty_like(grad_out, dtype=branch.dtype) if need_grad_branch else grad_out.new_empty((0,), dtype=branch.dtype)
+        torch.empty_like(grad_out, dtype=branch.dtype)
+        if need_grad_branch
+        else grad_out.new_empty((0,), dtype=branch.dtype)
     )
     acc_torch = compute_dtype(grad_out.dtype, branch.dtype, gamma.dtype)
     if grad_out.numel() == 0:

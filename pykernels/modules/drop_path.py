@@ -79,7 +79,8 @@ class DropPath(nn.Module):
         else:
             raise TypeError(
                 f"DropPath.from_module does not know {type(module).__module__}.{type(module).__name__}; supported: "
-                "timm DropPath, torchvision StochasticDepth, Hugging Face *DropPath, classes named *DropPath with drop_prob"
+                "timm DropPath, torchvision StochasticDepth, Hugging Face *DropPath, "
+                "classes named *DropPath with a drop_prob attribute"
             )
         new.train(module.training)
         return new

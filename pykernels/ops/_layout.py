@@ -43,7 +43,8 @@ def shares_row_strides(t: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def conform_rows(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` if its rows line up with ``ref``'s (any batch stride, e.g. a token slice ``x[:, 1:]``), else a copy in ref's layout."""
+    """``t`` if its rows line up with ``ref``'s (any batch stride, e.g. a token slice ``x[:, 1:]``), else a copy of
+    ``t`` in ref's layout."""
     if shares_row_strides(t, ref):
         return t
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)

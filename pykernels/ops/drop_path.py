@@ -31,7 +31,7 @@ from pykernels.ops._layout import as_dense_rows, conform_rows
 
 def _native_dtype_check(dtypes: Sequence[torch.dtype], **_) -> list[str]:
     if torch.float64 in dtypes and any(d != torch.float64 for d in dtypes):
-        return ["float64 cannot be mixed with other dtypes in the compiled kernels (they instantiate f16/bf16/f32 mixes, or all-f64)"]
+        return ["float64 cannot be mixed with other dtypes in the compiled kernels (f16/bf16/f32 mixes, or all f64)"]
     return []
 
 
@@ -41,9 +41,14 @@ OP = backends.register_op(
         specs={
             "triton": backends.KernelSpec(devices=frozenset({"cuda", "cpu"}), min_capability=(7, 0)),
             "cuda": backends.KernelSpec(
-                devices=frozenset({"cuda"}), min_capability=(8, 0), compiled_op="drop_path_add_fwd", check=_native_dtype_check
+                devices=frozenset({"cuda"}),
+                min_capability=(8, 0),
+                compiled_op="drop_path_add_fwd",
+                check=_native_dtype_check,
             ),
-            "cpp": backends.KernelSpec(devices=frozenset({"cpu"}), compiled_op="drop_path_add_fwd", check=_native_dtype_check),
+            "cpp": backends.KernelSpec(
+                devices=frozenset({"cpu"}), compiled_op="drop_path_add_fwd", check=_native_dtype_check
+            ),
             "torch": backends.KernelSpec(devices=frozenset({"cpu", "cuda"})),
         },
         gpu_priority=("triton", "cuda", "torch"),

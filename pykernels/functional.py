@@ -163,7 +163,8 @@ def drop_path_branch(
     """``x + drop_path(gamma * branch_fn(x))`` that runs ``branch_fn`` only on the samples it keeps.
 
     Stochastic depth that saves compute: with ``drop_prob=0.2`` a block's branch runs on ~80% of the batch,
-    forward and backward. The mask is the one :func:`drop_path_add` would draw under the same seed.
+    forward and backward. The mask is the one :func:`drop_path_add` would draw under the same seed when
+    ``branch_fn`` keeps x's dtype (the draw happens before the branch runs, in ``promote_types(x, gamma)``).
 
     Exact when ``branch_fn`` treats samples independently (LayerNorm-based blocks: ConvNeXt, ViT, Swin), up to
     the float rounding of a smaller batch. **Not** exact for branches that mix samples - BatchNorm in training
@@ -186,8 +187,8 @@ def drop_path_branch(
     kept = scale.nonzero().squeeze(1)
     if kept.numel() == x.shape[0]:
         return _fused(x, branch_fn(x), scale, gamma, backend)
-    if kept.numel() == 0:
-        return x.clone()
+    if kept.numel() == 0:  # nothing runs; the dtype is still what the fused add would give (branch dtype unknown)
+        return x.to(reference.promote_dtypes(x, gamma), copy=True)
     x_kept = x.index_select(0, kept)
     out_kept = _fused(x_kept, branch_fn(x_kept), scale.index_select(0, kept), gamma, backend)
     return x.to(out_kept.dtype).index_copy(0, kept, out_kept)

@@ -40,8 +40,8 @@ CONVERTERS: list[Converter] = [Converter("drop_path", _is_drop_path, DropPath.fr
 
 def swap(
     model: nn.Module,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] = (),
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] = (),
     verbose: bool = False,
 ) -> nn.Module:
     """Replace, in place, every sub-module that a pykernels module can stand in for.
@@ -56,11 +56,12 @@ def swap(
         ``model`` itself, with ``model.pykernels_swapped`` set to the list of replaced module names.
     """
     kinds = {c.kind for c in CONVERTERS}
-    include = set(kinds if include is None else include)
-    unknown = (include | set(exclude)) - kinds
+    include = {include} if isinstance(include, str) else set(kinds if include is None else include)
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    unknown = (include | exclude) - kinds
     if unknown:
         raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(kinds)}")
-    active = [c for c in CONVERTERS if c.kind in include and c.kind not in set(exclude)]
+    active = [c for c in CONVERTERS if c.kind in include and c.kind not in exclude]
     swapped: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

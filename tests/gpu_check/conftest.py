@@ -1,0 +1,59 @@
+"""The GPU-code checks run only when asked for: ``PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2 -q``.
+
+* Not asked for (the normal ``pytest tests`` run, CPU or GPU machine): every test here is skipped. They compile a few
+  hundred cubins (about a minute of two cores), need the real Triton compiler (no ``TRITON_INTERPRET``), and change
+  ``TRITON_*`` variables of the process while they compile; the normal run keeps none of that.
+* Asked for but ``TRITON_INTERPRET`` is on (exported by hand; tests/conftest.py leaves it unset when
+  PYKERNELS_GPU_CHECK=1): every test fails, since a gate that skipped would pass silently.
+* Asked for: the tests compile and check; at the end the resource table of every compile is printed (whatever the
+  ``-s`` / capture setting) and written to ``$PYKERNELS_GPU_CHECK_REPORT`` (default: a file under the temp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from . import aot
+
+ROW_PROPERTY = "triton_aot_row"
+_rows: list[dict] = []
+
+
+@pytest.fixture(autouse=True)
+def _gpu_check_gate():
+    opted_in, interpreting = aot.gate_status()
+    if opted_in and interpreting:
+        pytest.fail(
+            "PYKERNELS_GPU_CHECK=1 but TRITON_INTERPRET is on: the gate compiles real cubins; unset TRITON_INTERPRET",
+            pytrace=False,
+        )
+    if interpreting:
+        pytest.skip(
+            "TRITON_INTERPRET=1: the AOT gate needs the real Triton compiler; run it alone with PYKERNELS_GPU_CHECK=1"
+        )
+    if not opted_in:
+        pytest.skip("opt-in GPU-code gate: run `PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2`")
+
+
+def pytest_runtest_logreport(report):
+    # rows travel in user_properties, so they reach the controlling process under pytest-xdist too
+    if report.when == "call":
+        _rows.extend(value for name, value in report.user_properties if name == ROW_PROPERTY)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _rows:
+        return
+    text = f"{aot.format_table(_rows)}\n\n{aot.summary(_rows)}"
+    default = Path(tempfile.gettempdir()) / "pykernels-gpu-check" / "triton_aot.txt"
+    path = Path(os.environ.get("PYKERNELS_GPU_CHECK_REPORT") or default)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    terminalreporter.section("Triton AOT: resources per kernel, specialisation and target")
+    for line in text.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"(table written to {path})")

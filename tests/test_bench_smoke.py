@@ -1,0 +1,85 @@
+"""Smoke test of the benchmark suite: bench/bench_drop_path.py at tiny shapes, then bench/report.py on its JSON.
+
+Runs both in subprocesses (``PYKERNELS_BENCH_SMOKE=1``: tiny shapes, 2 rounds, no ``torch.compile`` providers) and
+writes only under ``tmp_path``, never into ``bench/results/``. It checks that the suite collects and runs, that
+each benchmark records what the report needs, and that the report writes its markdown, JSON and PNG with every
+provider and case in them. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_PROVIDERS = ("eager", "pykernels")
+CASES = ("convnext_t-s1-nchw", "convnext_t-s1-channels_last", "vit_s-tokens")
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYKERNELS_BENCH_"))}
+    env.update(PYKERNELS_BENCH_SMOKE="1", PYKERNELS_BENCH_DEVICE="cpu", MPLBACKEND="Agg", MPLCONFIGDIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert result.returncode == 0, (
+        f"{args} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+def test_bench_drop_path_and_report(tmp_path):
+    raw_path = tmp_path / "raw.json"
+    _run(
+        ["-m", "pytest", "bench/bench_drop_path.py", "--benchmark-only", f"--benchmark-json={raw_path}",
+         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-columns=median,rounds"],
+        tmp_path,
+    )  # fmt: skip
+    raw = json.loads(raw_path.read_text())
+    benches = raw["benchmarks"]
+    assert {(b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches} == {
+        (c, p) for c in CASES for p in SMOKE_PROVIDERS
+    }
+    for b in benches:
+        info = b["extra_info"]
+        assert info["backend"] in ("torch eager", "cpp", "torch"), info
+        assert info["ideal_bytes"] == 6 * 4 * _numel(info["shape"])
+        assert info["saved_bytes"] > 0 and info["gbps"] > 0 and b["stats"]["rounds"] == 2
+    assert raw["machine_info"]["pykernels"]["device_type"] == "cpu"
+    assert "--benchmark-only" in raw["pykernels_command"]
+
+    out_dir = tmp_path / "out"
+    result = _run(["bench/report.py", str(raw_path), "--out-dir", str(out_dir), "--name", "smoke"], tmp_path)
+    md_path, json_path, png_path = (out_dir / f"smoke{ext}" for ext in (".md", ".json", ".png"))
+    assert str(md_path) in result.stdout
+    assert png_path.stat().st_size > 1000
+
+    markdown = md_path.read_text()
+    env = raw["machine_info"]["pykernels"]
+    for needle in (env["device_name"], f"torch | {env['torch']}", f"Triton | {env['triton']}", "--benchmark-only",
+                   "vs eager (×)", "vs compile-eager (×)", "saved for bwd MB", "GB/s", "median ms"):  # fmt: skip
+        assert needle in markdown, needle
+    for case in CASES:
+        assert f"## drop_path_add[{case}]" in markdown
+    for provider in SMOKE_PROVIDERS:
+        assert f"| `{provider}` |" in markdown
+
+    summary = json.loads(json_path.read_text())
+    assert set(summary["cases"]) == {f"drop_path_add[{c}]" for c in CASES}
+    for case in summary["cases"].values():
+        providers = case["providers"]
+        assert set(providers) == set(SMOKE_PROVIDERS)
+        assert providers["eager"]["vs_eager"] == 1.0
+        assert providers["pykernels"]["vs_compile_eager"] is None  # no compile-eager in this run: no ratio invented
+        ratio = providers["eager"]["median_ms"] / providers["pykernels"]["median_ms"]
+        assert abs(providers["pykernels"]["vs_eager"] - ratio) < 0.01 * ratio + 1e-3
+
+
+def _numel(shape: list[int]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel

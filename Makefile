@@ -1,6 +1,8 @@
 # pykernels: `make test` runs the whole test suite, `make bench` the benchmark report. Both set up .venv first
 # (idempotent: a second run only rebuilds what changed).
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +12,7 @@ WORKERS ?= 2
 PKGS   := torch torchvision triton timm transformers numpy ninja pybind11 setuptools \
           pytest pytest-xdist pytest-benchmark expecttest matplotlib ruff
 
-.PHONY: all setup build test bench info lint clean
+.PHONY: all setup build test unit gpu-check bench info lint clean
 
 all: test
 
@@ -22,14 +24,26 @@ $(VENV)/.deps: constraints.txt
 
 setup: $(VENV)/.deps
 
-# Builds pykernels._C in place (ninja keeps it incremental). PYKERNELS_SKIP_BUILD / PYKERNELS_SKIP_CUDA_BUILD /
-# PYKERNELS_CUDA_ARCHS / MAX_JOBS are passed through (see setup.py).
-build: setup
-	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 | tail -n 3
+# `pip install --no-build-isolation -e .` registers the package once (pure Python); the extension pykernels._C is
+# then built in place by `setup.py build_ext --inplace`, whose ninja build in build/ is incremental (pip's editable
+# build would recompile everything in a fresh temporary folder each time). PYKERNELS_SKIP_BUILD /
+# PYKERNELS_SKIP_CUDA_BUILD / PYKERNELS_CUDA_ARCHS / MAX_JOBS are passed through (see setup.py).
+$(VENV)/.installed: $(VENV)/.deps setup.py
+	PYKERNELS_SKIP_BUILD=1 $(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) setup.py build_ext --inplace
 	$(PY) -m pykernels info
 
-test: build
-	$(PY) -m pytest tests -n $(WORKERS) --dist loadgroup -q
+test: unit gpu-check
+
+unit: build
+	$(PY) -m pytest tests -n $(WORKERS) -q --ignore=tests/gpu_check
+
+# Ahead-of-time compile of every Triton kernel for sm_80 / sm_90 (no GPU needed; fails on spills / shared memory)
+gpu-check: build
+	PYKERNELS_GPU_CHECK=1 $(PY) -m pytest tests/gpu_check -n $(WORKERS) -q
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.raw.json -q

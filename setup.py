@@ -50,11 +50,40 @@ def _pip_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _nvcc_toolkit_dir() -> str | None:
+    """The CUDA toolkit folder of the ``nvcc`` on PATH, as nvcc itself reports it (``TOP=`` of a dry run).
+
+    torch guesses CUDA_HOME as the parent of ``which nvcc``; when that is a wrapper script (``/usr/local/bin/nvcc``)
+    the guess (``/usr/local``) has no ``lib64/libcudart.so`` and the link fails.
+    """
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (dry_run.stdout + dry_run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            return top if os.path.isdir(os.path.join(top, "include")) else None
+    return None
+
+
 def _extensions():
     if _flag("PYKERNELS_SKIP_BUILD"):
         _log("PYKERNELS_SKIP_BUILD=1: pure-Python install (triton and torch backends only)")
         return [], {}
 
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and not _flag("PYKERNELS_SKIP_CUDA_BUILD"):
+        toolkit = _nvcc_toolkit_dir()  # must be set before torch.utils.cpp_extension is imported
+        if toolkit:
+            os.environ["CUDA_HOME"] = toolkit
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

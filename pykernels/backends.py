@@ -160,6 +160,7 @@ class Op:
     specs: dict[str, KernelSpec]
     gpu_priority: Sequence[str]
     cpu_priority: Sequence[str] = ("cpp", "torch")
+    _decisions: dict = field(default_factory=dict, repr=False, compare=False)
 
     def backend_reasons(self, backend: str, device: torch.device | None = None) -> list[str]:
         """Why ``backend`` cannot run this op at all (nothing built / installed), or on ``device``."""
@@ -217,8 +218,25 @@ class Op:
         return reasons
 
     def select(self, device: torch.device, dtypes: Sequence[torch.dtype], backend: str | None = None, **call) -> str:
-        """The backend that runs this call (see the module docstring for the rules)."""
+        """The backend that runs this call (see the module docstring for the rules).
+
+        Decisions are memoised per (device, dtypes, explicit choice, TRITON_INTERPRET, call details): what is
+        installed does not change within a process, and this keeps dispatch to a dict lookup on the hot path.
+        """
         explicit = requested_backend(backend)
+        try:
+            key = (device, tuple(dtypes), explicit, triton_interpret(), tuple(sorted(call.items())))
+            return self._decisions[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable call details: decide without memoising
+            key = None
+        name = self._select(device, dtypes, explicit, **call)
+        if key is not None:
+            self._decisions[key] = name
+        return name
+
+    def _select(self, device: torch.device, dtypes: Sequence[torch.dtype], explicit: str | None, **call) -> str:
         if explicit is not None:
             if not self.not_supported_reasons(explicit, device, dtypes, **call):
                 return explicit

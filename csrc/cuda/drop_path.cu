@@ -16,7 +16,8 @@
 //   channels outer (CS > 1: NCHW): block (c, g) walks channel c's elements and reduces them with warp shuffles.
 // Both write per-block partial sums to a (G, C) buffer whose sum(0) is grad_gamma: deterministic, and the grid (so
 // the rounding) depends on the shape only, not on the GPU.
-// Every launch goes through PYKERNELS_LAUNCH (launch.cuh).
+// Every launch goes through PYKERNELS_LAUNCH, the device check and registration through the macros of launch.cuh
+// (tests/cuda_emu runs this file unmodified on the CPU).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -256,7 +257,7 @@ bool vector_aligned(const at::Tensor& t) {
 at::Tensor drop_path_add_fwd_cuda(const c10::optional<at::Tensor>& residual, const at::Tensor& branch,
                                   const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& gamma,
                                   int64_t channel_dim, c10::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(branch.is_cuda(), "drop_path_add_fwd (CUDA kernel): branch must be a CUDA tensor, got ",
+  TORCH_CHECK(PYKERNELS_ON_DEVICE(branch), "drop_path_add_fwd (CUDA kernel): branch must be a CUDA tensor, got ",
               branch.device());
   const c10::cuda::CUDAGuard device_guard(branch.device());
   FwdPlan plan = plan_fwd(residual, branch, scale, gamma, channel_dim, out_dtype);
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add_bwd_cuda(const at::Tensor& grad
                                                           const c10::optional<at::Tensor>& scale,
                                                           const at::Tensor& gamma, int64_t channel_dim,
                                                           bool need_grad_branch) {
-  TORCH_CHECK(branch.is_cuda(), "drop_path_add_bwd (CUDA kernel): branch must be a CUDA tensor, got ",
+  TORCH_CHECK(PYKERNELS_ON_DEVICE(branch), "drop_path_add_bwd (CUDA kernel): branch must be a CUDA tensor, got ",
               branch.device());
   const c10::cuda::CUDAGuard device_guard(branch.device());
   BwdPlan plan = plan_bwd(grad_out, branch, scale, gamma, channel_dim, need_grad_branch);
@@ -390,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add_bwd_cuda(const at::Tensor& grad
 }  // namespace drop_path
 }  // namespace pykernels
 
-TORCH_LIBRARY_IMPL(pykernels, CUDA, m) {
+TORCH_LIBRARY_IMPL(PYKERNELS_LIBRARY, PYKERNELS_DEVICE, m) {
   m.impl("drop_path_add_fwd", &pykernels::drop_path::drop_path_add_fwd_cuda);
   m.impl("drop_path_add_bwd", &pykernels::drop_path::drop_path_add_bwd_cuda);
 }

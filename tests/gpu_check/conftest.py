@@ -6,7 +6,9 @@
 * Asked for but ``TRITON_INTERPRET`` is on (exported by hand; tests/conftest.py leaves it unset when
   PYKERNELS_GPU_CHECK=1): every test fails, since a gate that skipped would pass silently.
 * Asked for: the tests compile and check; at the end the resource table of every compile is printed (whatever the
-  ``-s`` / capture setting) and written to ``$PYKERNELS_GPU_CHECK_REPORT`` (default: a file under the temp dir).
+  ``-s`` / capture setting) and written to ``$PYKERNELS_GPU_CHECK_REPORT`` (default: a file under the temp dir); the
+  table of the compiled CUDA kernels (test_cuda_resources.py) goes to ``cuda_resources.txt`` beside it.
+* The CUDA emulator tests (test_cuda_emu.py) run the same way: skipped unless asked for.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import pytest
 from . import aot
 
 ROW_PROPERTY = "triton_aot_row"
+CUDA_ROW_PROPERTY = "cuda_resources_row"  # test_cuda_resources.py
 _rows: list[dict] = []
+_cuda_rows: list[dict] = []
 
 
 @pytest.fixture(autouse=True)
@@ -31,29 +35,44 @@ def _gpu_check_gate():
             "PYKERNELS_GPU_CHECK=1 but TRITON_INTERPRET is on: the gate compiles real cubins; unset TRITON_INTERPRET",
             pytrace=False,
         )
-    if interpreting:
-        pytest.skip(
-            "TRITON_INTERPRET=1: the AOT gate needs the real Triton compiler; run it alone with PYKERNELS_GPU_CHECK=1"
-        )
     if not opted_in:
-        pytest.skip("opt-in GPU-code gate: run `PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2`")
+        pytest.skip(
+            "opt-in GPU-code gate (Triton AOT, CUDA emulator, CUDA resources): run "
+            "`PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2`"
+        )
+
+
+def pytest_collection_finish(session):
+    emu_tests = [item for item in session.items if item.path.name == "test_cuda_emu.py"]
+    if emu_tests:
+        emu_tests[0].module.start_early()
 
 
 def pytest_runtest_logreport(report):
     # rows travel in user_properties, so they reach the controlling process under pytest-xdist too
     if report.when == "call":
         _rows.extend(value for name, value in report.user_properties if name == ROW_PROPERTY)
+        _cuda_rows.extend(value for name, value in report.user_properties if name == CUDA_ROW_PROPERTY)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not _rows:
-        return
-    text = f"{aot.format_table(_rows)}\n\n{aot.summary(_rows)}"
-    default = Path(tempfile.gettempdir()) / "pykernels-gpu-check" / "triton_aot.txt"
-    path = Path(os.environ.get("PYKERNELS_GPU_CHECK_REPORT") or default)
+def _write_section(terminalreporter, title: str, text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
-    terminalreporter.section("Triton AOT: resources per kernel, specialisation and target")
+    terminalreporter.section(title)
     for line in text.splitlines():
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"(table written to {path})")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    default = Path(tempfile.gettempdir()) / "pykernels-gpu-check" / "triton_aot.txt"
+    path = Path(os.environ.get("PYKERNELS_GPU_CHECK_REPORT") or default)
+    if _rows:
+        text = f"{aot.format_table(_rows)}\n\n{aot.summary(_rows)}"
+        _write_section(terminalreporter, "Triton AOT: resources per kernel, specialisation and target", text, path)
+    if _cuda_rows:
+        from . import test_cuda_resources as cuda
+
+        text = f"{cuda.format_table(_cuda_rows)}\n\n{cuda.summary(_cuda_rows)}"
+        _write_section(terminalreporter, "CUDA extension: resources per kernel and arch (cuobjdump)", text,
+                       path.with_name("cuda_resources.txt"))

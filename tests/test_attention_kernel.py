@@ -176,6 +176,11 @@ def test_forward_backward(case, dtype):
 @pytest.mark.parametrize("head_dim", attn.SUPPORTED_HEAD_DIMS, ids=[f"d{d}" for d in attn.SUPPORTED_HEAD_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dims(head_dim, dtype):
+    if dtype == torch.float32 and head_dim > attn.FP32_MAX_HEAD_DIM:
+        q = torch.randn(1, 4, 1, head_dim, device=DEVICE)
+        with pytest.raises(ValueError, match="float32 inputs support head dims up to"):
+            attn.attention_fwd(q, q, q)
+        return
     check_case(dtype, 1, 37, 41, 2, head_dim, bias_shape=(1, 2, 37, 41), causal=head_dim in (48, 96))
 
 

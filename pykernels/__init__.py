@@ -15,7 +15,7 @@ _backends.extension_status()  # load pykernels._C (if built) before the ops regi
 
 from pykernels import functional  # noqa: E402
 from pykernels.backends import BackendNotSupportedError, use_backend  # noqa: E402
-from pykernels.modules import DropPath  # noqa: E402
+from pykernels.modules import DropPath, FusedMHSA  # noqa: E402
 from pykernels.swap import swap  # noqa: E402
 
 
@@ -24,4 +24,4 @@ def info() -> str:
     return _backends.info()
 
 
-__all__ = ["BackendNotSupportedError", "DropPath", "functional", "info", "swap", "use_backend"]
+__all__ = ["BackendNotSupportedError", "DropPath", "FusedMHSA", "functional", "info", "swap", "use_backend"]

@@ -295,6 +295,9 @@ def info() -> str:
             f"op {op.name}  (auto order: cuda -> {', '.join(op.gpu_priority)}; cpu -> {', '.join(op.cpu_priority)})"
         )
         for name in BACKENDS:
+            if name not in op.specs:
+                lines.append(f"  {name:<7} -     no {name} implementation of {op.name}")
+                continue
             for device in devices:
                 spec = op.specs.get(name)
                 why = op.backend_reasons(name, device)

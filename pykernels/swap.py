@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pykernels.modules import DropPath
+from pykernels.modules import DropPath, FusedMHSA
+from pykernels.modules.attention import can_convert as _is_attention
 
 
 @dataclass(frozen=True)
 class Converter:
-    """``matches(module)`` says whether ``convert(module)`` can replace it; ``kind`` names it for include/exclude."""
+    """``matches(module)`` says whether ``convert(module)`` can replace it; ``kind`` names it for include/exclude;
+    ``default`` kinds are swapped when ``include`` is not given (the others only on request)."""
 
     kind: str
     matches: Callable[[nn.Module], bool]
     convert: Callable[[nn.Module], nn.Module]
+    default: bool = True
 
 
 def _is_drop_path(m: nn.Module) -> bool:
@@ -35,7 +38,11 @@ def _is_drop_path(m: nn.Module) -> bool:
     return name.endswith("DropPath") and hasattr(m, "drop_prob")
 
 
-CONVERTERS: list[Converter] = [Converter("drop_path", _is_drop_path, DropPath.from_module)]
+CONVERTERS: list[Converter] = [
+    Converter("drop_path", _is_drop_path, DropPath.from_module),
+    # opt-in until FusedMHSA has been benchmarked on a GPU and made faster than timm's SDPA path on CPU (issue 3)
+    Converter("attention", _is_attention, FusedMHSA.from_module, default=False),
+]
 
 
 def swap(
@@ -48,7 +55,8 @@ def swap(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
-        include: kinds to swap (default: all known: ``"drop_path"``).
+        include: kinds to swap (default: ``"drop_path"``; ``"attention"`` - timm ``Attention``,
+            ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA`` - is opt-in for now).
         exclude: kinds to leave alone.
         verbose: print one line per replaced module.
 
@@ -56,7 +64,8 @@ def swap(
         ``model`` itself, with ``model.pykernels_swapped`` set to the list of replaced module names.
     """
     kinds = {c.kind for c in CONVERTERS}
-    include = {include} if isinstance(include, str) else set(kinds if include is None else include)
+    defaults = {c.kind for c in CONVERTERS if c.default}
+    include = {include} if isinstance(include, str) else set(defaults if include is None else include)
     exclude = {exclude} if isinstance(exclude, str) else set(exclude)
     unknown = (include | exclude) - kinds
     if unknown:

@@ -317,7 +317,7 @@ def test_seeds_convnext_block_swap():
     model = seeds_convnext()
     expected_names = drop_path_count(model)
     assert len(expected_names) == 3
-    swapped = pykernels.swap(copy.deepcopy(model))
+    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path")
     assert sorted(swapped.pykernels_swapped) == sorted(expected_names)
     assert drop_path_count(swapped) == []
     for name in expected_names:
@@ -459,7 +459,7 @@ def test_swap_real_model(name):
     model, input_shape = build()
     original_names = drop_path_count(model)
     assert original_names, "the model should contain drop-path layers"
-    swapped = pykernels.swap(copy.deepcopy(model))
+    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path")
 
     assert len(swapped.pykernels_swapped) == len(original_names)
     assert sorted(swapped.pykernels_swapped) == sorted(original_names)
@@ -505,11 +505,11 @@ def test_swap_real_model(name):
 def test_swap_is_idempotent_and_keeps_train_state():
     model, _ = timm_convnext()
     model.eval()
-    pykernels.swap(model)
+    pykernels.swap(model, include="drop_path")
     n = len(model.pykernels_swapped)
     assert n == 11
     assert all(not m.training for m in model.modules() if isinstance(m, PKDropPath))
-    pykernels.swap(model)
+    pykernels.swap(model, include="drop_path")
     assert model.pykernels_swapped == []
     assert sum(isinstance(m, PKDropPath) for m in model.modules()) == n
 
@@ -544,7 +544,7 @@ def test_swap_unknown_kind_raises(kwargs):
 
 def test_swap_verbose_prints(capsys):
     model = nn.Sequential(nn.Linear(4, 4), timm.layers.DropPath(0.1))
-    pykernels.swap(model, verbose=True)
+    pykernels.swap(model, include="drop_path", verbose=True)
     assert model.pykernels_swapped == ["1"]
     assert "DropPath" in capsys.readouterr().out
 

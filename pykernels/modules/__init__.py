@@ -1,5 +1,6 @@
 """Public nn.Modules of pykernels (each with a ``from_module`` converter)."""
 
+from pykernels.modules.attention import FusedMHSA, FusedMultiheadAttention, FusedViTAttention
 from pykernels.modules.drop_path import DropPath
 
-__all__ = ["DropPath"]
+__all__ = ["DropPath", "FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention"]

@@ -1,5 +1,5 @@
 """torch.library custom ops of pykernels (namespace ``pykernels``): fake impls, autograd, backend dispatch."""
 
-from pykernels.ops import drop_path
+from pykernels.ops import attention, drop_path
 
-__all__ = ["drop_path"]
+__all__ = ["attention", "drop_path"]

@@ -180,8 +180,16 @@ def _cases() -> dict[str, tuple]:
                 cases[f"fwd/{layout}/{label}/{dt}"] = (fwd_case, layout, shape, (dt,) * 3)
     # forward, mixed dtypes: bf16 branch + f16 residual + f32 gamma (out f32); f16 branch + f32 residual -> f16 out
     cases["fwd/mixed/bf16-f16-f32"] = (fwd_case, "nchw", (2, 3, 13, 13), ("bf16", "f16", "f32"))
-    cases["fwd/mixed/f16-f32-f16/out-f16"] = (fwd_case, "tokens", (3, 11, 13), ("f16", "f32", "f16"), True, True,
-                                              True, "f16")
+    cases["fwd/mixed/f16-f32-f16/out-f16"] = (
+        fwd_case,
+        "tokens",
+        (3, 11, 13),
+        ("f16", "f32", "f16"),
+        True,
+        True,
+        True,
+        "f16",
+    )
     cases["fwd/mixed/f32-bf16-bf16"] = (fwd_case, "view", (2, 9, 30), ("f32", "bf16", "bf16"))
     # backward: nchw = channels outer (block reduction with warp shuffles), nhwc / tokens / views = channels inner
     for layout, shapes in SHAPES.items():
@@ -192,7 +200,13 @@ def _cases() -> dict[str, tuple]:
                     if need is False and dt != "f32":
                         continue
                     cases[f"bwd/{layout}/{label}/{dt}/grad_branch{int(need)}"] = (
-                        bwd_case, layout, shape, (dt,) * 3, True, need)
+                        bwd_case,
+                        layout,
+                        shape,
+                        (dt,) * 3,
+                        True,
+                        need,
+                    )
     cases["bwd/nchw/2x3x13x13/f16/no-scale"] = (bwd_case, "nchw", (2, 3, 13, 13), ("f16",) * 3, False)
     cases["bwd/tokens/2x197x200/f16/no-scale"] = (bwd_case, "tokens", (2, 197, 200), ("f16",) * 3, False)
     cases["bwd/mixed/nchw/f16-bf16-f32"] = (bwd_case, "nchw", (3, 8, 16, 16), ("f16", "bf16", "f32"))

@@ -74,5 +74,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         from . import test_cuda_resources as cuda
 
         text = f"{cuda.format_table(_cuda_rows)}\n\n{cuda.summary(_cuda_rows)}"
-        _write_section(terminalreporter, "CUDA extension: resources per kernel and arch (cuobjdump)", text,
-                       path.with_name("cuda_resources.txt"))
+        _write_section(
+            terminalreporter,
+            "CUDA extension: resources per kernel and arch (cuobjdump)",
+            text,
+            path.with_name("cuda_resources.txt"),
+        )

@@ -110,8 +110,11 @@ def test_every_cuda_kernel_runs_under_the_emulator():
     names = " ".join(launched)
     missing = sorted(f"{cu}: {k}" for cu, k in kernels if f"::{k}<" not in names and f"::{k}(" not in names)
     assert not missing, f"kernels never launched under the emulator (add cases to tests/cuda_emu/cases.py): {missing}"
-    for kernel in ("drop_path_add_fwd_kernel", "drop_path_add_bwd_channels_inner_kernel",
-                   "drop_path_add_bwd_channels_outer_kernel"):
+    for kernel in (
+        "drop_path_add_fwd_kernel",
+        "drop_path_add_bwd_channels_inner_kernel",
+        "drop_path_add_bwd_channels_outer_kernel",
+    ):
         widths = {m.group(1) for n in launched for m in re.finditer(kernel + r"<.*, (\d+)(?:, (?:true|false))?>\(", n)}
         assert widths >= {"1", "4"}, f"{kernel}: vector widths launched {widths}, want 1 and 4"
 
@@ -259,8 +262,11 @@ def run_planted(plant: str | None, case: str) -> dict:
 
 
 def test_planted_copy_is_correct_when_disarmed():
-    for case in ("fwd/nchw/2x3x13x13/f32", "bwd/nchw/2x3x13x13/f32/grad_branch1",
-                 "bwd/nchw/1x200x7x7/f32/grad_branch1"):
+    for case in (
+        "fwd/nchw/2x3x13x13/f32",
+        "bwd/nchw/2x3x13x13/f32/grad_branch1",
+        "bwd/nchw/1x200x7x7/f32/grad_branch1",
+    ):
         reply = run_planted(None, case)
         assert reply.get("ok"), f"{case} on the disarmed scratch copy: {reply}"
 
@@ -292,4 +298,3 @@ def test_gate_catches_a_shuffle_mask_that_leaves_out_a_lane():
     reply = run_planted("shuffle_mask", "bwd/nchw/2x3x13x13/f32/grad_branch1")
     assert "exception" in reply and "the calling lane is not in the mask" in reply["exception"], reply
     assert "drop_path_add_bwd_channels_outer_kernel" in reply["exception"], reply
-

@@ -81,8 +81,9 @@ def short_name(demangled: str) -> tuple[str, str]:
 
 
 def resource_rows(so: Path) -> list[dict]:
-    return parse_resources(subprocess.run([cuobjdump(), "--dump-resource-usage", str(so)], capture_output=True,
-                                          text=True).stdout)
+    return parse_resources(
+        subprocess.run([cuobjdump(), "--dump-resource-usage", str(so)], capture_output=True, text=True).stdout
+    )
 
 
 def parse_resources(text: str) -> list[dict]:
@@ -107,8 +108,19 @@ def parse_resources(text: str) -> list[dict]:
             problems.append(f"{regs} registers x {threads} threads > {REGISTERS_PER_BLOCK}: the launch would fail")
         if shared > limit:
             problems.append(f"{shared} B static shared memory > {limit} B per block")
-        rows.append({"kernel": kernel, "config": config, "arch": arch, "registers": regs, "stack": stack,
-                     "local": local, "shared": shared, "threads": threads, "problems": problems})
+        rows.append(
+            {
+                "kernel": kernel,
+                "config": config,
+                "arch": arch,
+                "registers": regs,
+                "stack": stack,
+                "local": local,
+                "shared": shared,
+                "threads": threads,
+                "problems": problems,
+            }
+        )
     return rows
 
 
@@ -117,8 +129,17 @@ COLUMNS = ("kernel", "config", "arch", "regs", "threads", "stack B", "local B", 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        (r["kernel"], r["config"], r["arch"], str(r["registers"]), str(r["threads"]), str(r["stack"]),
-         str(r["local"]), str(r["shared"]), "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"]))
+        (
+            r["kernel"],
+            r["config"],
+            r["arch"],
+            str(r["registers"]),
+            str(r["threads"]),
+            str(r["stack"]),
+            str(r["local"]),
+            str(r["shared"]),
+            "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"]),
+        )
         for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["arch"]))
     ]
     widths = [max(len(c) for c in col) for col in zip(COLUMNS, *lines, strict=True)]
@@ -146,8 +167,10 @@ def rows():
         pytest.skip("pykernels._C is not built (run `make build`): no CUDA kernels to measure")
     rows = resource_rows(so)
     if not rows:
-        pytest.skip(f"{so.name} has no device code: built without CUDA (torch without CUDA, no nvcc, or "
-                    "PYKERNELS_SKIP_CUDA_BUILD=1)")
+        pytest.skip(
+            f"{so.name} has no device code: built without CUDA (torch without CUDA, no nvcc, or "
+            "PYKERNELS_SKIP_CUDA_BUILD=1)"
+        )
     return rows
 
 
@@ -170,8 +193,11 @@ def test_every_kernel_is_built_for_every_arch(rows):
 def test_every_cuda_source_kernel_is_in_the_extension(rows):
     """Each __global__ function of csrc/cuda/*.cu appears in the cubins (a stale or partial build fails here)."""
     built = {r["kernel"] for r in rows}
-    declared = {m.group(1) for cu in (ROOT / "csrc" / "cuda").glob("*.cu")
-                for m in re.finditer(r"__global__\s+void\s+(\w+)", cu.read_text())}
+    declared = {
+        m.group(1)
+        for cu in (ROOT / "csrc" / "cuda").glob("*.cu")
+        for m in re.finditer(r"__global__\s+void\s+(\w+)", cu.read_text())
+    }
     assert declared <= built, f"not in {extension_path().name}: {sorted(declared - built)} (rebuild: make build)"
 
 
@@ -189,7 +215,11 @@ arch = sm_90
 """
     spills, fits, too_many_registers = parse_resources(sample)
     assert (spills["kernel"], spills["config"], spills["arch"], spills["threads"]) == (
-        "drop_path_add_fwd_kernel", "<float, 4>", "sm_80", 256)
+        "drop_path_add_fwd_kernel",
+        "<float, 4>",
+        "sm_80",
+        256,
+    )
     assert [p.split(" ", 2)[1] for p in spills["problems"]] == ["B", "B", "B"], spills["problems"]
     assert "stack frame" in spills["problems"][0] and "static shared memory" in spills["problems"][2]
     assert (fits["kernel"], fits["arch"], fits["threads"], fits["problems"]) == ("foo", "sm_90", 1024, [])

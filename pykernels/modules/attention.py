@@ -1,0 +1,413 @@
+"""Fused multi-head self-attention (ViT, Dosovitskiy et al. 2021; FlashAttention-2, Dao 2023) as drop-in modules.
+
+* :class:`FusedMHSA` - timm's ``vision_transformer.Attention`` layout (``qkv`` and ``proj`` Linears: its state_dict
+  loads as is, ``strict=True``): ``proj(attention(qkv(x)))`` with the attention in one pykernels op that reads the
+  packed qkv projection without a copy and never stores an N x N matrix (Triton backend).
+* :class:`FusedViTAttention` - what :meth:`FusedMHSA.from_module` returns for Hugging Face's ``ViTAttention``:
+  the same module with HF's call signature ``forward(hidden_states, attention_mask=None, **kwargs) ->
+  (out, None)``.
+* :class:`FusedMultiheadAttention` - drop-in for ``nn.MultiheadAttention`` (its call signature and return value).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from pykernels.ops import attention as _attention_ops
+from pykernels.ops.attention import SUPPORTED_HEAD_DIMS
+
+__all__ = ["FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
+
+
+def _draw_seed(device: torch.device) -> int:
+    """A Philox seed for attention dropout from torch's default generator (``torch.manual_seed`` reproduces it)."""
+    del device  # drawn on the CPU generator: no device sync, same seed whatever the device
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class FusedMHSA(nn.Module):
+    """Multi-head self-attention ``proj(softmax(q k^T * scale + bias) v)`` with a fused attention kernel.
+
+    Drop-in for ``timm.models.vision_transformer.Attention`` (same parameter names ``qkv`` / ``proj``, so its
+    state_dict loads with ``strict=True``; use :meth:`from_module` to convert one, or Hugging Face's
+    ``ViTAttention`` / ``nn.MultiheadAttention``).
+
+    Args:
+        dim: embedding size C.
+        num_heads: number of heads H; ``dim % num_heads == 0``, head dim ``D = dim // num_heads``.
+        qkv_bias: bias in the qkv projection.
+        attn_drop: dropout probability on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+        causal: top-left causal mask (token i attends to tokens j <= i).
+        scale: score scale, default ``D ** -0.5``.
+        backend: ``"triton"`` or ``"torch"``; None chooses (CUDA: triton for supported head dims, else torch;
+            CPU: torch). The Triton kernel supports head dims 16, 32, 48, 64, 80, 96, 128, 256.
+
+    Shape:
+        ``forward(x (B, N, C), attn_bias=None, key_padding_mask=None) -> (B, N, C)``; ``attn_bias`` additive,
+        broadcastable to (B, H, N, N); ``key_padding_mask`` (B, N) bool, True = ignore that key.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        causal: bool = False,
+        scale: float | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= float(attn_drop) < 1.0:
+            raise ValueError(f"attn_drop must be in [0, 1), got {attn_drop}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        if backend is not None:
+            _attention_ops.backends._check_name(backend)
+            if backend == "triton" and self.head_dim not in SUPPORTED_HEAD_DIMS:
+                raise ValueError(
+                    f"backend='triton' does not support head dim {self.head_dim} (dim {dim} / {num_heads} heads); "
+                    f"supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
+                )
+        self.scale = float(scale) if scale is not None else self.head_dim**-0.5
+        self.attn_drop = float(attn_drop)
+        self.causal = bool(causal)
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        causal: bool | None = None,
+    ) -> torch.Tensor:
+        """The attention part alone: ``(B, N, C) -> (B, N, C)`` before the output projection."""
+        if x.dim() != 3:
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, N, C); got {tuple(x.shape)}")
+        batch, n, channels = x.shape
+        if channels != self.dim:
+            raise ValueError(f"x has {channels} channels, {type(self).__name__} was built for dim={self.dim}")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
+        qkv = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)  # (B, N, H, D) strided views of the packed projection: no copy
+        dropout_p = self.attn_drop if self.training else 0.0
+        seed = _draw_seed(x.device) if dropout_p > 0.0 else 0
+        causal = self.causal if causal is None else causal
+        out, _ = _attention_ops.attention(
+            q, k, v, attn_bias, key_padding_mask, causal, self.scale, dropout_p, seed, self.backend
+        )
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Args:
+            x: (B, N, C) tokens.
+            attn_bias: additive float score bias broadcastable to (B, H, N, N) (e.g. relative-position bias).
+            key_padding_mask: (B, N) bool, True = ignore that key.
+            attn_mask: timm's / SDPA's mask (keyword only, what timm's ``Block`` passes): bool with True = may
+                attend, or additive float; combined with ``attn_bias``.
+            is_causal: causal for this call (or-ed with the module's ``causal``).
+
+        Returns:
+            (B, N, C).
+        """
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+                    ~attn_mask, float("-inf")
+                )
+            attn_bias = attn_mask if attn_bias is None else attn_bias + attn_mask
+        causal = self.causal or bool(is_causal)
+        return self.proj_drop(self.proj(self.attention(x, attn_bias, key_padding_mask, causal)))
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
+        if not math.isclose(self.scale, self.head_dim**-0.5):
+            parts.append(f"scale={self.scale:g}")
+        if self.attn_drop:
+            parts.append(f"attn_drop={self.attn_drop:g}")
+        if self.causal:
+            parts.append("causal=True")
+        if self.backend:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+    # ---- conversion --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None) -> FusedMHSA:
+        """A fused module with ``module``'s weights, heads, scale, dropout and train/eval state.
+
+        Accepts:
+
+        * timm ``vision_transformer.Attention`` (and subclasses with the same layout) -> :class:`FusedMHSA`;
+          ``qk_norm``, ``scale_norm``, ``gated`` or ``attn_head_dim``/``dim_out`` variants are refused;
+        * Hugging Face ``ViTAttention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) -> :class:`FusedViTAttention`
+          (HF's call signature; ``qkv.weight = cat(q, k, v)``, ``proj = o_proj``);
+        * ``nn.MultiheadAttention`` (either ``batch_first``) -> :class:`FusedMultiheadAttention`;
+        * a ``FusedMHSA`` (copied).
+        """
+        if isinstance(module, nn.MultiheadAttention):
+            new = FusedMultiheadAttention._from_mha(module, backend)
+        elif isinstance(module, FusedMHSA):
+            new = copy.deepcopy(module)
+            new.backend = backend or module.backend
+        elif _is_timm_attention(module):
+            new = _from_timm(cls if cls is not FusedMultiheadAttention else FusedMHSA, module, backend)
+        elif _is_hf_vit_attention(module):
+            new = _from_hf_vit(module, backend)
+        else:
+            raise TypeError(
+                f"FusedMHSA.from_module does not know {type(module).__module__}.{type(module).__name__}; supported: "
+                "timm vision_transformer.Attention, Hugging Face ViTAttention, nn.MultiheadAttention, FusedMHSA"
+            )
+        new.train(module.training)
+        return new
+
+
+def can_convert(module: nn.Module) -> bool:
+    """Whether :meth:`FusedMHSA.from_module` can stand in for ``module`` (for ``pykernels.swap``)."""
+    if isinstance(module, FusedMHSA):
+        return False
+    if isinstance(module, nn.MultiheadAttention):
+        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+    if _is_timm_attention(module):
+        return not _timm_unsupported(module)
+    if _is_hf_vit_attention(module):
+        heads = getattr(module, "num_attention_heads", None)
+        dim = module.q_proj.in_features
+        return heads is not None and heads * module.head_dim == dim and not getattr(module, "is_causal", False)
+    return False
+
+
+def _is_timm_attention(m: nn.Module) -> bool:
+    """timm's plain ViT ``Attention`` only (not Swin's WindowAttention & co, whose extra bias would be lost)."""
+    cls = type(m)
+    return cls.__name__ == "Attention" and cls.__module__ in ("timm.layers.attention", "timm.models.vision_transformer")
+
+
+def _is_hf_vit_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and (
+        hasattr(m, "head_dim")
+    )
+
+
+def _dropout_p(mod) -> float:
+    if isinstance(mod, nn.Dropout):
+        return float(mod.p)
+    return float(mod or 0.0) if isinstance(mod, (int, float)) else 0.0
+
+
+def _timm_unsupported(m: nn.Module) -> list[str]:
+    dim = m.qkv.in_features
+    unsupported = []
+    for name in ("q_norm", "k_norm", "norm"):
+        if not isinstance(getattr(m, name, nn.Identity()), nn.Identity):
+            unsupported.append(f"{name}={type(getattr(m, name)).__name__}")
+    if getattr(m, "gate", None) is not None:
+        unsupported.append("gated=True")
+    if m.qkv.out_features != 3 * dim or m.proj.in_features != dim or m.proj.out_features != dim:
+        unsupported.append(f"attn_dim/dim_out != dim (qkv {dim}->{m.qkv.out_features}, proj {m.proj})")
+    if dim % m.num_heads:
+        unsupported.append(f"dim {dim} not a multiple of num_heads {m.num_heads}")
+    return unsupported
+
+
+def _from_timm(cls, m: nn.Module, backend: str | None) -> FusedMHSA:
+    dim = m.qkv.in_features
+    unsupported = _timm_unsupported(m)
+    if unsupported:
+        raise TypeError(f"FusedMHSA cannot stand in for this timm Attention: {', '.join(unsupported)}")
+    new = cls(
+        dim, m.num_heads, m.qkv.bias is not None, _dropout_p(getattr(m, "attn_drop", None)),
+        _dropout_p(getattr(m, "proj_drop", None)), False, float(getattr(m, "scale", (dim // m.num_heads) ** -0.5)),
+        backend,
+    )  # fmt: skip
+    if m.proj.bias is None:
+        new.proj = nn.Linear(dim, dim, bias=False)
+    new = new.to(m.qkv.weight)
+    new.load_state_dict({k: v for k, v in m.state_dict().items() if k.split(".")[0] in ("qkv", "proj")})
+    return new
+
+
+def _from_hf_vit(m: nn.Module, backend: str | None) -> FusedViTAttention:
+    dim = m.q_proj.in_features
+    heads = int(getattr(m, "num_attention_heads", dim // m.head_dim))
+    if heads * m.head_dim != dim or m.o_proj.out_features != dim:
+        raise TypeError(f"FusedViTAttention needs heads * head_dim == hidden size; got {heads} x {m.head_dim} != {dim}")
+    if getattr(m, "is_causal", False):
+        raise TypeError("causal Hugging Face attention is not supported by from_module")
+    has_bias = m.q_proj.bias is not None
+    new = FusedViTAttention(
+        dim, heads, has_bias, float(getattr(m, "attention_dropout", 0.0) or 0.0), 0.0, False,
+        float(getattr(m, "scaling", m.head_dim**-0.5)), backend,
+    )  # fmt: skip
+    if m.o_proj.bias is None:
+        new.proj = nn.Linear(dim, dim, bias=False)
+    new = new.to(m.q_proj.weight)
+    with torch.no_grad():
+        new.qkv.weight.copy_(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight], 0))
+        if has_bias:
+            new.qkv.bias.copy_(torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias], 0))
+        new.proj.weight.copy_(m.o_proj.weight)
+        if m.o_proj.bias is not None:
+            new.proj.bias.copy_(m.o_proj.bias)
+    return new
+
+
+class FusedViTAttention(FusedMHSA):
+    """:class:`FusedMHSA` with Hugging Face ``ViTAttention``'s call signature (what ``from_module`` returns for it).
+
+    ``forward(hidden_states (B, N, C), attention_mask=None, **kwargs) -> (out (B, N, C), None)``: the attention
+    weights are never materialised, so ``output_attentions=True`` raises. ``attention_mask``: an additive float mask
+    broadcastable to (B, H, N, N), or a bool mask with True = attend (HF's SDPA convention).
+    """
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):  # noqa: D102
+        if kwargs.get("output_attentions"):
+            raise NotImplementedError("FusedViTAttention does not compute attention weights (output_attentions=True)")
+        bias = attention_mask
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, dtype=hidden_states.dtype, device=bias.device).masked_fill(
+                ~bias, float("-inf")
+            )
+        return super().forward(hidden_states, bias), None
+
+
+class FusedMultiheadAttention(FusedMHSA):
+    """Drop-in for ``nn.MultiheadAttention`` (self-attention fused; what ``from_module`` returns for it).
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False) -> (out, weights or None)`` as ``nn.MultiheadAttention``.
+    The fused kernel runs when ``query is key is value`` (self-attention), ``need_weights=False``, the input is
+    batched, ``is_causal=False``, and the masks are bool (``key_padding_mask``) or float/bool (``attn_mask``,
+    (L, S) or (B * H, L, S)). Everything else (need_weights=True, cross-attention, unbatched input, is_causal,
+    float key_padding_mask) runs ``F.multi_head_attention_forward`` with the same weights - the reference, never a
+    silently different result. Parameters are named ``qkv`` / ``proj`` (= ``in_proj_*`` / ``out_proj``).
+
+    Args:
+        embed_dim, num_heads, dropout, bias, batch_first: as ``nn.MultiheadAttention`` (no kdim/vdim,
+            add_bias_kv, add_zero_attn).
+        backend: as :class:`FusedMHSA`.
+    """
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, batch_first: bool = False,
+        backend: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(embed_dim, num_heads, bias, dropout, 0.0, False, None, backend)
+        if not bias:
+            self.proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.batch_first = batch_first
+
+    # what nn.Transformer*Layer reads from its self_attn: False keeps them off their fused fast path (which would
+    # call torch._transformer_encoder_layer_fwd with in_proj_* directly) and on this module's forward
+    _qkv_same_embed_dim = False
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dim
+
+    @property
+    def in_proj_weight(self) -> nn.Parameter:
+        return self.qkv.weight
+
+    @property
+    def in_proj_bias(self) -> nn.Parameter | None:
+        return self.qkv.bias
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        return self.proj
+
+    @classmethod
+    def _from_mha(cls, m: nn.MultiheadAttention, backend: str | None) -> FusedMultiheadAttention:
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            raise TypeError(
+                "FusedMultiheadAttention supports nn.MultiheadAttention without kdim/vdim, add_bias_kv, add_zero_attn"
+            )
+        new = cls(m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.batch_first, backend)
+        new = new.to(m.in_proj_weight)
+        with torch.no_grad():
+            new.qkv.weight.copy_(m.in_proj_weight)
+            if m.in_proj_bias is not None:
+                new.qkv.bias.copy_(m.in_proj_bias)
+            new.proj.weight.copy_(m.out_proj.weight)
+            if m.out_proj.bias is not None:
+                new.proj.bias.copy_(m.out_proj.bias)
+        return new
+
+    def _reference(self, query, key, value, key_padding_mask, need_weights, attn_mask, average, is_causal):
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = nn.functional.multi_head_attention_forward(
+            query, key, value, self.dim, self.num_heads, self.qkv.weight, self.qkv.bias, None, None, False,
+            self.attn_drop, self.proj.weight, self.proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average, is_causal=is_causal,
+        )  # fmt: skip
+        if self.batch_first and batched:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        fused = (
+            query is key
+            and key is value
+            and not need_weights
+            and not is_causal
+            and query.dim() == 3
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+            and (attn_mask is None or attn_mask.dim() in (2, 3))
+        )
+        if not fused:
+            return self._reference(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        x = query if self.batch_first else query.transpose(0, 1)
+        batch, n, _ = x.shape
+        bias = None
+        if attn_mask is not None:
+            bias = attn_mask
+            if bias.dtype == torch.bool:  # True = not allowed to attend
+                bias = torch.zeros(bias.shape, dtype=x.dtype, device=bias.device).masked_fill(bias, float("-inf"))
+            if bias.dim() == 3:
+                bias = bias.view(batch, self.num_heads, n, n)
+        out = self.proj(self.attention(x, bias, key_padding_mask))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", batch_first={self.batch_first}"

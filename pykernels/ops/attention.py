@@ -1,0 +1,294 @@
+"""torch.library ops of fused multi-head attention (FlashAttention-2, Dao 2023), the op behind :class:`FusedMHSA`.
+
+Ops (namespace ``pykernels``):
+
+* ``attention(q, k, v, bias?, key_padding_mask?, causal, scale, dropout_p, seed, backend?) -> (out, lse)`` -
+  ``softmax(scale * q k^T + bias, masked) @ v`` per (batch, head). ``q`` (B, Nq, H, D), ``k`` / ``v`` (B, Nk, H, D)
+  in any strides (``qkv.view(B, N, 3, H, D).unbind(2)`` is read without a copy); ``out`` (B, Nq, H * D)
+  contiguous in q's dtype (the input of the output projection); ``lse`` (B, H, Nq) float32 logsumexp of the
+  scores (not differentiable). ``key_padding_mask`` (B, Nk) bool, True = ignore that key.
+* ``attention_backward(grad_out, q, k, v, out, lse, bias?, key_padding_mask?, causal, scale, dropout_p, seed,
+  need_grad_bias, backend) -> (dq, dk, dv, dbias)`` - its backward; ``dbias`` is an empty (0,) tensor unless
+  ``need_grad_bias`` (custom ops cannot return None).
+
+Backends (see :mod:`pykernels.backends`):
+
+* ``triton`` - ``pykernels.triton_kernels.attention``: never an Nq x Nk tensor in memory (except the dS buffer for
+  a bias gradient). The automatic choice on CUDA (sm_80+); on CPU only when chosen explicitly under
+  ``TRITON_INTERPRET=1``. Dropout: Philox stream seeded by ``seed``, regenerated in backward.
+* ``torch`` - ``F.scaled_dot_product_attention`` on (B, H, N, D) views (no copies), bias and padding mask combined
+  into one additive ``attn_mask``. Its backward is explicit float32 math (P recomputed, not read from lse; an
+  Nq x Nk temporary, never saved). It computes
+  ``lse`` itself in float32 (an extra ``q k^T`` in query chunks, never stored). With ``dropout_p > 0`` it uses the
+  explicit math path with a keep mask drawn from a ``torch.Generator`` seeded by ``seed`` (so the op is a pure
+  function of its inputs and the backward regenerates the same mask); its dropout stream differs from Triton's.
+  Query rows whose keys are all masked give 0 (as the Triton kernel), not NaN.
+
+Autograd saves q, k, v, out, lse (and bias / key_padding_mask when given): nothing of size Nq x Nk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pykernels import backends
+
+SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # = triton_kernels.attention's (Triton may be missing)
+FP32_MAX_HEAD_DIM = 64
+_LSE_CHUNK_ELEMENTS = 1 << 22  # the torch backend's lse: scores computed in query chunks of at most this many
+
+
+def _triton_check(head_dim: int | None = None, dtypes=(), **_) -> list[str]:
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return [
+            f"head dim {head_dim} not supported by the Triton attention kernel "
+            f"(supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+        ]
+    if head_dim is not None and head_dim > FP32_MAX_HEAD_DIM and torch.float32 in dtypes:
+        return [
+            f"float32 at head dim {head_dim}: the Triton kernel takes float32 up to head dim {FP32_MAX_HEAD_DIM} "
+            "(wider float32 tiles spill registers); use float16 / bfloat16"
+        ]
+    return []
+
+
+OP = backends.register_op(
+    backends.Op(
+        name="attention",
+        specs={
+            "triton": backends.KernelSpec(
+                devices=frozenset({"cuda", "cpu"}),
+                dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                min_capability=(8, 0),
+                check=_triton_check,
+            ),
+            "torch": backends.KernelSpec(devices=frozenset({"cpu", "cuda"})),
+        },
+        gpu_priority=("triton", "torch"),
+        cpu_priority=("torch",),
+    )
+)
+
+
+def select_backend(q: torch.Tensor, *others: torch.Tensor | None, backend: str | None = None) -> str:
+    """The backend that runs attention on these tensors (explicit choice checked, else automatic)."""
+    dtypes: Sequence[torch.dtype] = [q.dtype] + [t.dtype for t in others if t is not None and t.is_floating_point()]
+    return OP.select(q.device, dtypes, backend, head_dim=int(q.shape[-1]))
+
+
+# ---- the torch backend ---------------------------------------------------------------------------------------------
+
+
+def _additive_mask(bias, key_padding_mask, dtype, batch, n_k):
+    """bias (broadcastable to (B, H, Nq, Nk)) + -inf where key_padding_mask: one SDPA attn_mask, or None."""
+    mask = None
+    if bias is not None:
+        mask = bias.to(dtype)
+    if key_padding_mask is not None:
+        pad = torch.zeros((batch, 1, 1, n_k), dtype=dtype, device=key_padding_mask.device)
+        pad = pad.masked_fill(key_padding_mask.view(batch, 1, 1, n_k), float("-inf"))
+        mask = pad if mask is None else mask + pad
+    return mask
+
+
+def _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed):
+    """out (B, Nq, H*D) of the torch backend; differentiable (the backward re-runs it under autograd)."""
+    batch, n_q, heads, head_dim = q.shape
+    n_k = k.shape[1]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
+    mask = _additive_mask(bias, key_padding_mask, q.dtype, batch, n_k)
+    if dropout_p > 0.0:
+        # explicit math with a keep mask from a generator seeded by ``seed``: reproducible in backward
+        probs = _probs(q, k, bias, key_padding_mask, causal, scale)
+        gen = torch.Generator(device=q.device).manual_seed(int(seed))
+        keep = torch.rand(probs.shape, generator=gen, device=q.device) >= dropout_p
+        probs = probs * keep / (1.0 - dropout_p)
+        out = torch.matmul(probs.to(q.dtype), vt)
+    else:
+        if mask is not None and causal:  # SDPA takes one or the other: fold the causal mask into attn_mask
+            tril = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+            mask = mask.masked_fill(~tril, float("-inf"))
+            causal = False
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale)
+        if key_padding_mask is not None or bias is not None:
+            out = out.nan_to_num(0.0)  # rows with every key masked: 0, as the Triton kernel
+    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim)
+
+
+@torch.no_grad()
+def _torch_lse(q, k, bias, key_padding_mask, causal, scale):
+    """(B, H, Nq) float32 logsumexp of the masked scores, in query chunks (no Nq x Nk tensor kept)."""
+    batch, n_q, heads, _ = q.shape
+    n_k = k.shape[1]
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
+    kt = k.transpose(1, 2).float()
+    mask = _additive_mask(bias, key_padding_mask, torch.float32, batch, n_k)
+    chunk = max(1, _LSE_CHUNK_ELEMENTS // max(1, batch * heads * n_k))
+    for start in range(0, n_q, chunk):
+        stop = min(n_q, start + chunk)
+        scores = torch.matmul(q[:, start:stop].transpose(1, 2).float(), kt.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask.expand(batch, heads, n_q, n_k)[:, :, start:stop]
+        if causal:
+            rows = torch.arange(start, stop, device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(n_k, device=q.device)[None, :] > rows, float("-inf"))
+        lse[:, :, start:stop] = torch.logsumexp(scores, dim=-1)
+    return lse
+
+
+def _probs(q, k, bias, key_padding_mask, causal, scale):
+    """(B, H, Nq, Nk) float32 attention probabilities (fully masked rows 0) - the torch backend's backward only."""
+    batch, n_q = q.shape[:2]
+    n_k = k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q.transpose(1, 2).to(compute), k.transpose(1, 2).to(compute).transpose(-1, -2)) * scale
+    mask = _additive_mask(bias, key_padding_mask, compute, batch, n_k)
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~tril, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def _torch_backward(grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias):
+    """(dq, dk, dv, dbias|None) of the torch backend, explicit math: P recomputed, dropout mask regenerated.
+
+    (Autograd cannot be re-entered inside a custom op's implementation, which runs below the autograd key.)
+    """
+    batch, n_q, heads, head_dim = q.shape
+    probs = _probs(q, k, bias, key_padding_mask, causal, scale)
+    compute = probs.dtype
+    d_out = grad_out.reshape(batch, n_q, heads, head_dim).transpose(1, 2).to(compute)  # (B, H, Nq, D)
+    vt = v.transpose(1, 2).to(compute)
+    if dropout_p > 0.0:
+        gen = torch.Generator(device=q.device).manual_seed(int(seed))
+        keep = torch.rand(probs.shape, generator=gen, device=q.device) >= dropout_p
+        dropped = probs * keep / (1.0 - dropout_p)
+        d_probs = torch.matmul(d_out, vt.transpose(-1, -2)) * keep / (1.0 - dropout_p)
+    else:
+        dropped = probs
+        d_probs = torch.matmul(d_out, vt.transpose(-1, -2))
+    dv = torch.matmul(dropped.transpose(-1, -2), d_out)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+    dq = torch.matmul(d_scores, k.transpose(1, 2).to(compute)) * scale
+    dk = torch.matmul(d_scores.transpose(-1, -2), q.transpose(1, 2).to(compute)) * scale
+    dbias = d_scores.sum_to_size(bias.shape) if need_grad_bias else None
+    return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv)) + (dbias,)
+
+
+# ---- pykernels::attention ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pykernels::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Nq, H*D), lse (B, H, Nq) fp32) of multi-head attention; see the module docstring."""
+    name = select_backend(q, k, v, backend=backend)
+    if name == "triton":
+        from pykernels.triton_kernels import attention as triton_attention
+
+        return triton_attention.attention_fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
+    out = _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
+    return out.contiguous(), _torch_lse(q, k, bias, key_padding_mask, causal, scale)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
+    batch, n_q, heads, head_dim = q.shape
+    out = q.new_empty((batch, n_q, heads * head_dim))
+    lse = q.new_empty((batch, heads, n_q), dtype=torch.float32)
+    return out, lse
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    # resolve the backend now (inside any use_backend() block): backward must use the forward's backend
+    ctx.backend = select_backend(q, k, v, backend=backend)
+    ctx.need_grad_bias = bias is not None and ctx.needs_input_grad[3]
+    ctx.args = (causal, scale, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, out, lse, bias, key_padding_mask)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, key_padding_mask = ctx.saved_tensors
+    causal, scale, dropout_p, seed = ctx.args
+    dq, dk, dv, dbias = attention_backward(
+        grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed,
+        ctx.need_grad_bias, ctx.backend,
+    )  # fmt: skip
+    return dq, dk, dv, (dbias if ctx.need_grad_bias else None), None, None, None, None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+# ---- pykernels::attention_backward ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pykernels::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
+    need_grad_bias: bool,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias) of :func:`attention`; contiguous; dbias is (0,) unless ``need_grad_bias`` and bias."""
+    need_grad_bias = need_grad_bias and bias is not None
+    name = select_backend(q, k, v, backend=backend)
+    if name == "triton":
+        from pykernels.triton_kernels import attention as triton_attention
+
+        dq, dk, dv, dbias = triton_attention.attention_bwd(
+            grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias
+        )
+    else:
+        dq, dk, dv, dbias = _torch_backward(
+            grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias
+        )
+    # contiguous outputs (the Triton launcher hands back three slices of one packed buffer for packed q, k, v:
+    # custom-op outputs must not alias each other, and their strides must match the fake's). Costs one copy of
+    # dq/dk/dv in that case; autograd's unbind backward stacks them into the qkv gradient anyway.
+    dq, dk, dv = (t.contiguous() for t in (dq, dk, dv))
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    else:
+        dbias = dbias.to(bias.dtype).contiguous()
+    return dq, dk, dv, dbias
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias, backend=None
+):
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if need_grad_bias and bias is not None:
+        dbias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+    else:
+        dbias = q.new_empty((0,))
+    return dq, dk, dv, dbias

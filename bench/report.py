@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("eager", "compile-eager")
-PROVIDER_ORDER = ("eager", "pykernels", "compile-eager", "compile-pykernels")
+PROVIDER_ORDER = ("eager", "eager-explicit", "nn-mha", "pykernels", "compile-eager", "compile-pykernels")
 # extra_info keys that are per provider (shown in the table) or bookkeeping, never in a case's description
 _NOT_CASE_INFO = {
     "device", "device_name", "op", "case", "provider", "backend", "first_call_s", "rounds", "gbps", "tflops",

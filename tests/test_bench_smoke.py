@@ -83,3 +83,23 @@ def _numel(shape: list[int]) -> int:
     for size in shape:
         numel *= size
     return numel
+
+
+def test_bench_attention_smoke(tmp_path):
+    """bench/bench_attention.py collects and runs every non-compile provider in both modes, recording TFLOP/s."""
+    raw_path = tmp_path / "raw.json"
+    _run(
+        ["-m", "pytest", "bench/bench_attention.py", "--benchmark-only", f"--benchmark-json={raw_path}",
+         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-columns=median,rounds"],
+        tmp_path,
+    )  # fmt: skip
+    benches = json.loads(raw_path.read_text())["benchmarks"]
+    seen = {(b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
+    assert seen == {
+        (f"vit_s-{m}", p) for m in ("fwd", "fwd_bwd") for p in ("eager", "eager-explicit", "nn-mha", "pykernels")
+    }
+    for b in benches:
+        info = b["extra_info"]
+        assert info["flops"] > 0 and "tflops" in info, info  # tiny shapes: the rounded figure may be 0.0
+        if info["provider"] == "pykernels":
+            assert info["backend"] == "torch"  # CPU: SDPA through pykernels::attention

@@ -112,13 +112,11 @@ def drop_path_add(
     if branch.dim() < 2:
         raise ValueError(f"branch must have a batch dim and at least one more dim, got shape {tuple(branch.shape)}")
     _check_drop_args(drop_prob, mode, rng)
-    channel_dim = 1
     if gamma is not None:
         _check_tensor("gamma", gamma, branch)
-        channel_dim = _channel_dim(gamma, branch)
-        gamma = gamma.reshape(-1)
+        _channel_dim(gamma, branch)  # a bad gamma fails before any random number is drawn
     scale = _draw(branch, gamma, drop_prob, training, scale_by_keep, mode, rng)
-    return _drop_path_ops.drop_path_add(residual, branch, scale, gamma, channel_dim, None, backend)
+    return _fused(residual, branch, scale, gamma, backend)
 
 
 def drop_path(

@@ -31,13 +31,19 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return result
 
 
-def test_bench_drop_path_and_report(tmp_path):
+def _run_bench(path: str, tmp_path: Path) -> Path:
+    """Run one bench file in smoke mode; returns the pytest-benchmark JSON it wrote."""
     raw_path = tmp_path / "raw.json"
     _run(
-        ["-m", "pytest", "bench/bench_drop_path.py", "--benchmark-only", f"--benchmark-json={raw_path}",
+        ["-m", "pytest", path, "--benchmark-only", f"--benchmark-json={raw_path}",
          "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-columns=median,rounds"],
         tmp_path,
     )  # fmt: skip
+    return raw_path
+
+
+def test_bench_drop_path_and_report(tmp_path):
+    raw_path = _run_bench("bench/bench_drop_path.py", tmp_path)
     raw = json.loads(raw_path.read_text())
     benches = raw["benchmarks"]
     assert {(b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches} == {
@@ -87,13 +93,7 @@ def _numel(shape: list[int]) -> int:
 
 def test_bench_attention_smoke(tmp_path):
     """bench/bench_attention.py collects and runs every non-compile provider in both modes, recording TFLOP/s."""
-    raw_path = tmp_path / "raw.json"
-    _run(
-        ["-m", "pytest", "bench/bench_attention.py", "--benchmark-only", f"--benchmark-json={raw_path}",
-         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-columns=median,rounds"],
-        tmp_path,
-    )  # fmt: skip
-    benches = json.loads(raw_path.read_text())["benchmarks"]
+    benches = json.loads(_run_bench("bench/bench_attention.py", tmp_path).read_text())["benchmarks"]
     seen = {(b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
     assert seen == {
         (f"vit_s-{m}", p) for m in ("fwd", "fwd_bwd") for p in ("eager", "eager-explicit", "nn-mha", "pykernels")

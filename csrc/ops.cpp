@@ -30,4 +30,26 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "drop_path_add_bwd(Tensor grad_out, Tensor branch, Tensor? scale, Tensor gamma, int channel_dim, "
       "bool need_grad_branch) -> (Tensor, Tensor)");
+
+  // ---- dwconv_ln -------------------------------------------------------------------------------------------
+  // out[b, h, w, :] = LayerNorm_C(depthwise_conv_kxk(x)[b, :, h, w] + conv_bias)  (ConvNeXt's dwconv -> norm)
+  //   x          (B, C, H, W), NCHW-contiguous or channels_last-contiguous (the Python layer guarantees one of the two)
+  //   weight     (C, 1, k, k) contiguous, k odd in 3..13; stride 1, zero "same" padding k / 2
+  //   conv_bias, ln_weight, ln_bias: (C,) or None; x dtype float32 / float16 / bfloat16 (cpu also float64);
+  //              each parameter either x's dtype or float32
+  //   out        (B, H, W, C) contiguous, x's dtype; mean, rstd: (B, H, W) float32 (float64 for float64 x)
+  //   math: fp32 accumulation (fp64 for fp64); conv summed over (i, j) row-major, then + conv_bias;
+  //         biased variance; rstd = 1 / sqrt(var + eps); out = (y - mean) * rstd * ln_weight + ln_bias
+  m.def(
+      "dwconv_ln_fwd(Tensor x, Tensor weight, Tensor? conv_bias, Tensor? ln_weight, Tensor? ln_bias, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Backward (conv_bias / ln_bias are passed for their presence and dtype): recomputes y = conv(x) + conv_bias (nothing of size B*H*W*C is saved besides x).
+  //   grad_out (B, H, W, C) contiguous (any of the float dtypes above); mean, rstd from the forward.
+  //   returns (grad_x, grad_weight, grad_conv_bias, grad_ln_weight, grad_ln_bias):
+  //     grad_x: empty_like(x) layout (NCHW or channels_last as x), x's dtype; (0,) if !need_grad_x
+  //     grad_weight (C, 1, k, k), grad_conv_bias, grad_ln_weight, grad_ln_bias (C,): each in its parameter's dtype;
+  //     (0,) when that parameter is None or !need_grad_params
+  m.def(
+      "dwconv_ln_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? conv_bias, Tensor? ln_weight, "
+      "Tensor? ln_bias, Tensor mean, Tensor rstd, bool need_grad_x, bool need_grad_params) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -187,8 +187,9 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
     channels, k = x.shape[1], weight.shape[-1]
     pad = k // 2
     xa, wa = x.to(acc), weight.to(acc)
-    y = torch.nn.functional.conv2d(xa, wa, None if conv_bias is None else conv_bias.to(acc), padding=pad,
-                                   groups=channels).permute(0, 2, 3, 1)
+    y = torch.nn.functional.conv2d(
+        xa, wa, None if conv_bias is None else conv_bias.to(acc), padding=pad, groups=channels
+    ).permute(0, 2, 3, 1)
     xhat = (y - mean.to(acc)[..., None]) * rstd.to(acc)[..., None]
     g = grad_out.to(acc)
     gw = g * ln_weight.to(acc) if ln_weight is not None else g

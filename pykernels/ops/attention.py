@@ -16,12 +16,16 @@ Backends (see :mod:`pykernels.backends`):
 * ``triton`` - ``pykernels.triton_kernels.attention``: never an Nq x Nk tensor in memory (except the dS buffer for
   a bias gradient). The automatic choice on CUDA (sm_80+); on CPU only when chosen explicitly under
   ``TRITON_INTERPRET=1``. Dropout: Philox stream seeded by ``seed``, regenerated in backward.
-* ``torch`` - ``F.scaled_dot_product_attention`` on (B, H, N, D) views (no copies), bias and padding mask combined
-  into one additive ``attn_mask``. Its backward is explicit float32 math (P recomputed, not read from lse; an
-  Nq x Nk temporary, never saved). It computes
-  ``lse`` itself in float32 (an extra ``q k^T`` in query chunks, never stored). With ``dropout_p > 0`` it uses the
-  explicit math path with a keep mask drawn from a ``torch.Generator`` seeded by ``seed`` (so the op is a pure
-  function of its inputs and the backward regenerates the same mask); its dropout stream differs from Triton's.
+* ``torch`` - ATen's attention kernels on (B, H, N, D) views (no copies), bias and padding mask combined into one
+  additive ``attn_mask``:
+  - CPU, float32 / float16 / bfloat16, no dropout: ``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel
+    behind ``F.scaled_dot_product_attention`` on CPU, i.e. timm's path), which returns the logsumexp, and its fused
+    backward - except for a bias gradient, which takes the explicit path below.
+  - otherwise (CUDA fallback, float64, dropout): ``F.scaled_dot_product_attention`` forward, ``lse`` computed in
+    float32 in query chunks (never stored), and an explicit float32 backward (P recomputed; an Nq x Nk temporary,
+    never saved). With ``dropout_p > 0`` the forward is explicit math too, with a keep mask drawn from a
+    ``torch.Generator`` seeded by ``seed`` (so the op is a pure function of its inputs and the backward regenerates
+    the same mask); its dropout stream differs from Triton's.
   Query rows whose keys are all masked give 0 (as the Triton kernel), not NaN.
 
 Autograd saves q, k, v, out, lse (and bias / key_padding_mask when given): nothing of size Nq x Nk.
@@ -92,6 +96,53 @@ def _additive_mask(bias, key_padding_mask, dtype, batch, n_k):
         pad = pad.masked_fill(key_padding_mask.view(batch, 1, 1, n_k), float("-inf"))
         mask = pad if mask is None else mask + pad
     return mask
+
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cpu_flash(q, dropout_p) -> bool:
+    """Whether the torch backend runs ATen's fused CPU flash-attention kernel (it returns the logsumexp itself and has
+    a fused backward): CPU tensors of these dtypes, no dropout (the kernel's own dropout is not reproducible in
+    backward). float64 (gradcheck) and dropout take the explicit-math path."""
+    return q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and dropout_p == 0.0
+
+
+def _sdpa_mask(bias, key_padding_mask, causal, dtype, batch, n_q, n_k):
+    """(attn_mask 4-D or None, is_causal) for ATen's attention kernels: bias + padding folded into one additive mask,
+    and the causal (top-left) mask folded into it too when there is one."""
+    mask = _additive_mask(bias, key_padding_mask, dtype, batch, n_k)
+    if mask is None:
+        return None, causal
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if causal:
+        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril()
+        mask = mask.masked_fill(~tril, float("-inf"))
+    return mask, False
+
+
+def _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale):
+    """(out (B, Nq, H*D), lse (B, H, Nq) fp32) from ``aten._scaled_dot_product_flash_attention_for_cpu`` on
+    (B, H, N, D) views; its output is (B, N, H, D) in memory, so the reshape to (B, Nq, H*D) is free."""
+    batch, n_q, heads, head_dim = q.shape
+    mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim), lse
+
+
+def _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale):
+    """(dq, dk, dv) as (B, N, H, D) from ATen's fused CPU flash-attention backward (P recomputed from lse)."""
+    batch, n_q, heads, head_dim = q.shape
+    mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    g, o = (t.reshape(batch, n_q, heads, head_dim).transpose(1, 2) for t in (grad_out.to(q.dtype), out))
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, qt, kt, vt, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale
+    )
+    return tuple(t.transpose(1, 2) for t in grads)
 
 
 def _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed):
@@ -202,6 +253,9 @@ def attention(
         from pykernels.triton_kernels import attention as triton_attention
 
         return triton_attention.attention_fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
+    if _cpu_flash(q, dropout_p):
+        out, lse = _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale)
+        return out.contiguous(), lse.contiguous()
     out = _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
     return out.contiguous(), _torch_lse(q, k, bias, key_padding_mask, causal, scale)
 
@@ -267,6 +321,9 @@ def attention_backward(
         dq, dk, dv, dbias = triton_attention.attention_bwd(
             grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias
         )
+    elif _cpu_flash(q, dropout_p) and not need_grad_bias:
+        dq, dk, dv = _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale)
+        dbias = None
     else:
         dq, dk, dv, dbias = _torch_backward(
             grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias

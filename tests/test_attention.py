@@ -125,7 +125,7 @@ def test_op_masks_and_bias_grad(device, backend, variant):
         kpm = torch.zeros(batch, n, dtype=torch.bool, device=device)
         kpm[0, -7:] = True
     scale = head_dim**-0.5
-    out, lse = attention_ops.attention(*qkv.unbind(2), bias, kpm, causal, scale, 0.0, 0, backend)
+    out, lse = attention_ops.attention(*qkv.unbind(2), bias, kpm, causal, scale, 0.0, torch.tensor([0]), backend)
     ref = _reference(*qkv.unbind(2), bias, kpm, causal, scale)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-4)
     assert lse.shape == (batch, heads, n) and lse.dtype == torch.float32 and torch.isfinite(lse).all()
@@ -144,7 +144,7 @@ def test_gradcheck_torch_backend():
     kpm = torch.tensor([[False] * 5 + [True]])
 
     def fn(q, k, v, bias):
-        return attention_ops.attention(q, k, v, bias, kpm, True, 0.3, 0.25, 7, "torch")[0]
+        return attention_ops.attention(q, k, v, bias, kpm, True, 0.3, 0.25, torch.tensor([7]), "torch")[0]
 
     assert torch.autograd.gradcheck(fn, (q, k, v, bias), fast_mode=True)
 
@@ -159,7 +159,7 @@ def _op_args(device, dtype, with_bias, backend, dropout_p=0.0):
     bias = torch.randn(2, 1, 9, 9, device=device, dtype=dtype) if with_bias else None
     kpm = torch.zeros(2, 9, dtype=torch.bool, device=device)
     kpm[1, -2:] = True
-    return q, k, v, bias, kpm, False, 0.25, dropout_p, 11, backend
+    return q, k, v, bias, kpm, False, 0.25, dropout_p, torch.tensor([11]), backend
 
 
 @pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
@@ -203,14 +203,15 @@ def test_dropout_reproducible_and_gradients_consistent(device, backend):
     assert not torch.allclose(y1, fused.eval()(x))
     # the backward regenerates the forward's mask: the op's gradient matches finite differences of the same seed
     q, k, v = (torch.randn(1, 8, 2, 16, device=device, requires_grad=True) for _ in range(3))
-    out = attention_ops.attention(q, k, v, None, None, False, 0.25, 0.3, 123, backend)[0]
+    seed = torch.tensor([123])
+    out = attention_ops.attention(q, k, v, None, None, False, 0.25, 0.3, seed, backend)[0]
     grad = torch.randn_like(out)
     (dq,) = torch.autograd.grad(out, q, grad)
     direction = torch.randn_like(q)
     eps = 1e-2
 
     def f(t):
-        return (attention_ops.attention(t, k, v, None, None, False, 0.25, 0.3, 123, backend)[0] * grad).sum()
+        return (attention_ops.attention(t, k, v, None, None, False, 0.25, 0.3, seed, backend)[0] * grad).sum()
 
     with torch.no_grad():
         fd = (f(q + eps * direction) - f(q - eps * direction)) / (2 * eps)
@@ -325,6 +326,30 @@ def test_compile_fullgraph(backend, compiler):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_with_dropout(backend):
+    """Attention dropout in training compiles without a graph break (the seed is a tensor drawn by torch.randint, not
+    an ``.item()``), acts, gives finite gradients, and ``torch.manual_seed`` reproduces the compiled step."""
+    device = DEVICES[-1]
+    _require(backend, device)
+    torch.manual_seed(12)
+    fused = FusedMHSA(32, num_heads=2, attn_drop=0.5, backend=backend).to(device).train()
+    x = torch.randn(2, 19, 32, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        no_drop = fused.eval()(x)
+    assert not torch.allclose(out, no_drop, atol=1e-3)  # dropout did act in the compiled train step
+    torch.manual_seed(13)
+    first = compiled.train()(x).detach()
+    torch.manual_seed(13)
+    second = compiled(x).detach()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # torch.manual_seed reproduces the compiled step
+
+
 # ---- memory: nothing Nq x Nk saved for backward -------------------------------------------------------------------
 
 
@@ -371,9 +396,9 @@ def test_errors():
     # an explicit triton choice that cannot serve the call lists every backend's reasons
     q = torch.randn(1, 4, 1, 24)
     with pytest.raises(BackendNotSupportedError, match="head dim 24"):
-        attention_ops.attention(q, q, q, None, None, False, 0.2, 0.0, 0, "triton")
+        attention_ops.attention(q, q, q, None, None, False, 0.2, 0.0, torch.tensor([0]), "triton")
     # automatic choice falls back quietly (torch on CPU)
-    out, _ = attention_ops.attention(q, q, q, None, None, False, 0.2, 0.0, 0, None)
+    out, _ = attention_ops.attention(q, q, q, None, None, False, 0.2, 0.0, torch.tensor([0]), None)
     torch.testing.assert_close(out.double(), _reference(q, q, q, scale=0.2), atol=1e-6, rtol=1e-5)
 
 

@@ -23,10 +23,13 @@ from pykernels.ops.attention import SUPPORTED_HEAD_DIMS
 __all__ = ["FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
 
 
-def _draw_seed(device: torch.device) -> int:
-    """A Philox seed for attention dropout from torch's default generator (``torch.manual_seed`` reproduces it)."""
-    del device  # drawn on the CPU generator: no device sync, same seed whatever the device
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _draw_seed() -> torch.Tensor:
+    """A Philox seed for attention dropout from torch's default generator (``torch.manual_seed`` reproduces it), as a
+    one-element CPU tensor: no device sync, the same seed whatever the device, and no graph break under compile."""
+    return torch.randint(0, 2**31 - 1, (1,))
+
+
+_NO_SEED = torch.zeros((1,), dtype=torch.int64)
 
 
 class FusedMHSA(nn.Module):
@@ -104,7 +107,7 @@ class FusedMHSA(nn.Module):
         qkv = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, N, H, D) strided views of the packed projection: no copy
         dropout_p = self.attn_drop if self.training else 0.0
-        seed = _draw_seed(x.device) if dropout_p > 0.0 else 0
+        seed = _draw_seed() if dropout_p > 0.0 else _NO_SEED
         causal = self.causal if causal is None else causal
         out, _ = _attention_ops.attention(
             q, k, v, attn_bias, key_padding_mask, causal, self.scale, dropout_p, seed, self.backend

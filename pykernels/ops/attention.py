@@ -16,6 +16,9 @@ Backends (see :mod:`pykernels.backends`):
 * ``triton`` - ``pykernels.triton_kernels.attention``: never an Nq x Nk tensor in memory (except the dS buffer for
   a bias gradient). The automatic choice on CUDA (sm_80+); on CPU only when chosen explicitly under
   ``TRITON_INTERPRET=1``. Dropout: Philox stream seeded by ``seed``, regenerated in backward.
+
+``seed`` is a one-element int64 tensor (read inside the op): a module draws it with ``torch.randint`` from torch's
+generator, which ``torch.compile(fullgraph=True)`` traces without the graph break an ``int`` (``.item()``) would cause.
 * ``torch`` - ATen's attention kernels on (B, H, N, D) views (no copies), bias and padding mask combined into one
   additive ``attn_mask``:
   - CPU, float32 / float16 / bfloat16, no dropout: ``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel
@@ -244,10 +247,11 @@ def attention(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Nq, H*D), lse (B, H, Nq) fp32) of multi-head attention; see the module docstring."""
+    seed = int(seed)
     name = select_backend(q, k, v, backend=backend)
     if name == "triton":
         from pykernels.triton_kernels import attention as triton_attention
@@ -308,11 +312,12 @@ def attention_backward(
     causal: bool,
     scale: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     need_grad_bias: bool,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) of :func:`attention`; contiguous; dbias is (0,) unless ``need_grad_bias`` and bias."""
+    seed = int(seed)
     need_grad_bias = need_grad_bias and bias is not None
     name = select_backend(q, k, v, backend=backend)
     if name == "triton":

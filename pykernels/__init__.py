@@ -1,9 +1,9 @@
 """pykernels: fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in
 ``nn.Module``s with full autograd.
 
-    from pykernels import DropPath
-    from pykernels.functional import drop_path_add
-    pykernels.swap(model)
+    from pykernels import ConvNeXtBlock, DropPath
+    from pykernels.functional import drop_path_add, dwconv_ln
+    pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt blocks and DropPaths -> pykernels'
 
 Importing never fails because Triton, the compiled extension or a GPU is missing: each op falls back to a
 backend that is there (``python -m pykernels info`` says which).
@@ -15,7 +15,7 @@ _backends.extension_status()  # load pykernels._C (if built) before the ops regi
 
 from pykernels import functional  # noqa: E402
 from pykernels.backends import BackendNotSupportedError, use_backend  # noqa: E402
-from pykernels.modules import DropPath, FusedMHSA  # noqa: E402
+from pykernels.modules import ConvNeXtBlock, DropPath, FusedMHSA  # noqa: E402
 from pykernels.swap import swap  # noqa: E402
 
 
@@ -24,4 +24,13 @@ def info() -> str:
     return _backends.info()
 
 
-__all__ = ["BackendNotSupportedError", "DropPath", "FusedMHSA", "functional", "info", "swap", "use_backend"]
+__all__ = [
+    "BackendNotSupportedError",
+    "ConvNeXtBlock",
+    "DropPath",
+    "FusedMHSA",
+    "functional",
+    "info",
+    "swap",
+    "use_backend",
+]

@@ -4,7 +4,20 @@ weights and train/eval state included, with their pykernels counterparts.
 Example::
 
     model = timm.create_model("convnext_tiny", drop_path_rate=0.1)
-    pykernels.swap(model)            # every timm DropPath is now a pykernels.DropPath
+    pykernels.swap(model)            # every ConvNeXt block is now a pykernels.ConvNeXtBlock
+    pykernels.swap(model, include="drop_path")   # only the DropPath layers
+
+Kinds, tried in this order on each module (the first that matches replaces it, and nothing inside a replaced module
+is visited again):
+
+* ``"convnext_block"`` (default): timm ``ConvNeXtBlock`` (``conv_mlp`` False / True), torchvision ``CNBlock``,
+  Hugging Face ``ConvNextLayer``, official-layout ConvNeXt ``Block`` -> :class:`pykernels.ConvNeXtBlock`
+  (fused dwconv + LayerNorm, fused layer-scale + DropPath + residual; same values in eval mode up to float32
+  rounding, same DropPath mask in training mode). Variants it does not compute (ConvNeXt-V2's GRN, strided or
+  channel-changing blocks, other activations) are left alone.
+* ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
+  :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
+* ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA``.
 """
 
 from __future__ import annotations
@@ -14,8 +27,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pykernels.modules import DropPath, FusedMHSA
+from pykernels.modules import ConvNeXtBlock, DropPath, FusedMHSA
 from pykernels.modules.attention import can_convert as _is_attention
+from pykernels.modules.convnext import can_convert as _is_convnext_block
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ def _is_drop_path(m: nn.Module) -> bool:
 
 
 CONVERTERS: list[Converter] = [
+    # before "drop_path": a whole block is replaced (its DropPath with it) before its parts are considered
+    Converter("convnext_block", _is_convnext_block, ConvNeXtBlock.from_module),
     Converter("drop_path", _is_drop_path, DropPath.from_module),
     # opt-in until FusedMHSA has been benchmarked on a GPU and made faster than timm's SDPA path on CPU (issue 3)
     Converter("attention", _is_attention, FusedMHSA.from_module, default=False),
@@ -55,8 +71,9 @@ def swap(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
-        include: kinds to swap (default: ``"drop_path"``; ``"attention"`` - timm ``Attention``,
-            ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA`` - is opt-in for now).
+        include: kinds to swap (default: ``"convnext_block"`` and ``"drop_path"``; ``"attention"`` - timm
+            ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA`` - is opt-in for now).
+            See the module docstring for what each kind replaces.
         exclude: kinds to leave alone.
         verbose: print one line per replaced module.
 
@@ -73,6 +90,8 @@ def swap(
     active = [c for c in CONVERTERS if c.kind in include and c.kind not in exclude]
     swapped: list[str] = []
     for parent_name, parent in list(model.named_modules()):
+        if any(parent_name.startswith(name + ".") or parent_name == name for name in swapped):
+            continue  # inside a module that was replaced: no longer part of the model
         for child_name, child in list(parent.named_children()):
             for conv in active:
                 if conv.matches(child):

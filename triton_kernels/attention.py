@@ -272,6 +272,86 @@ def _scores(
 # ---- forward ------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _load_lse_delta(LSE, DELTA, bh, N_Q, rows, row_ok):
+    """Backward: a query block's log2-domain logsumexp (-inf of a fully masked row -> +inf, so that P = 0 there) and
+    delta = rowsum(dO * O)."""
+    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _bwd_tile(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    bias_base,
+    KPM,
+    kpm_base,
+    stride_biasm,
+    stride_biasn,
+    stride_kpmn,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    qk_scale,
+    seed,
+    bh,
+    N_Q,
+    N_K,
+    dropout_p,
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    FP32_TF32X3: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Backward of one (query block, key block) tile, shared by the dK/dV and dQ kernels: (P after dropout, for dV;
+    dS = P * (dP - delta), the gradient of the scores, for dK, dQ and the bias)."""
+    # P = exp(S - lse) recomputed from the saved logsumexp
+    s = _scores(
+        q,
+        k,
+        bias_base,
+        KPM,
+        kpm_base,
+        stride_biasm,
+        stride_biasn,
+        stride_kpmn,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        qk_scale,
+        HAS_BIAS,
+        HAS_KPM,
+        CAUSAL,
+        FP32_TF32X3,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    p = tl.math.exp2(s - lse[:, None])
+    # dP = dO V^T; with dropout, dV sees the dropped P and dP is masked and rescaled the same way
+    dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_TF32X3)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, rows, cols, N_Q, N_K, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_dropped = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    return p_dropped, ds
+
+
 @triton.autotune(configs=_configs(FWD_CONFIGS), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _attention_fwd_kernel(
@@ -540,13 +620,14 @@ def _attention_bwd_dkdv_kernel(
         qo_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
         do = tl.load(g_base + rows64 * stride_gn + offs_d[None, :] * stride_gd, mask=qo_mask, other=0.0)
-        # P = exp(S - lse) recomputed; lse = -inf (fully masked row) -> +inf so that P = 0 there
-        lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
-        s = _scores(
+        lse, delta = _load_lse_delta(LSE, DELTA, bh, N_Q, rows, row_ok)
+        p_dropped, ds = _bwd_tile(
             q,
             k,
+            v,
+            do,
+            lse,
+            delta,
             bias_base,
             KPM,
             kpm_base,
@@ -558,26 +639,20 @@ def _attention_bwd_dkdv_kernel(
             row_ok,
             col_ok,
             qk_scale,
+            seed,
+            bh,
+            N_Q,
+            N_K,
+            dropout_p,
             HAS_BIAS,
             HAS_KPM,
             CAUSAL,
+            HAS_DROPOUT,
             FP32_TF32X3,
             BLOCK_M,
             BLOCK_N,
         )
-        p = tl.math.exp2(s - lse[:, None])
-        # dP = dO V^T; with dropout, dV sees the dropped P and dP is masked and rescaled the same way
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_TF32X3)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, N_Q, N_K, dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            p_dropped = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
-        else:
-            p_dropped = p
         dv = _dot(tl.trans(p_dropped.to(do.dtype)), do, dv, FP32_TF32X3)
-        # dS = P * (dP - delta): the gradient of the scores (= of the bias)
-        ds = p * (dp - delta[:, None])
         if NEED_DBIAS:
             dbias_ptrs = DBIAS + bh * N_Q * N_K + rows64 * N_K + cols[None, :]
             tl.store(dbias_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
@@ -669,9 +744,7 @@ def _attention_bwd_dq_kernel(
         mask=qo_mask,
         other=0.0,
     )
-    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+    lse, delta = _load_lse_delta(LSE, DELTA, bh, N_Q, rows, row_ok)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = BIAS + b * stride_biasb + h * stride_biash
@@ -688,9 +761,13 @@ def _attention_bwd_dq_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        s = _scores(
+        _, ds = _bwd_tile(
             q,
             k,
+            v,
+            do,
+            lse,
+            delta,
             bias_base,
             KPM,
             kpm_base,
@@ -702,19 +779,19 @@ def _attention_bwd_dq_kernel(
             row_ok,
             col_ok,
             qk_scale,
+            seed,
+            bh,
+            N_Q,
+            N_K,
+            dropout_p,
             HAS_BIAS,
             HAS_KPM,
             CAUSAL,
+            HAS_DROPOUT,
             FP32_TF32X3,
             BLOCK_M,
             BLOCK_N,
         )
-        p = tl.math.exp2(s - lse[:, None])
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32_TF32X3)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, N_Q, N_K, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, FP32_TF32X3)
     dq = dq * sm_scale
     tl.store(

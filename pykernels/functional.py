@@ -1,5 +1,8 @@
 """Public functions of pykernels.
 
+:func:`dwconv_ln` is the front of ConvNeXt's block (Liu et al. 2022, "A ConvNet for the 2020s"): a depthwise
+k x k conv followed by LayerNorm over channels, fused into one kernel that writes (B, H, W, C).
+
 DropPath (stochastic depth, Huang et al. 2016, "Deep Networks with Stochastic Depth") as used by timm, torchvision
 and Hugging Face in ConvNeXt, ViT/DeiT, Swin and EfficientNet: each sample's residual branch is dropped with
 probability ``drop_prob`` and kept samples are scaled by ``1 / keep_prob``. :func:`drop_path_add` fuses it with
@@ -14,8 +17,9 @@ import torch
 
 from pykernels import reference
 from pykernels.ops import drop_path as _drop_path_ops
+from pykernels.ops import dwconv_ln as _dwconv_ln_ops
 
-__all__ = ["drop_path", "drop_path_add", "drop_path_branch"]
+__all__ = ["drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln"]
 
 _RNGS = ("bernoulli", "uniform")
 _MODES = ("row", "batch")
@@ -202,3 +206,100 @@ def _fused(residual, branch, scale, gamma, backend):
         channel_dim = _channel_dim(gamma, branch)
         gamma = gamma.reshape(-1)
     return _drop_path_ops.drop_path_add(residual, branch, scale, gamma, channel_dim, None, backend)
+
+
+# ---- dwconv_ln ---------------------------------------------------------------------------------------------------
+
+_OUT_LAYOUTS = ("nhwc", "nchw")
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_dwconv_ln_args(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"x and weight must be torch.Tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor (NCHW or channels_last), got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    channels = x.shape[1]
+    if channels == 0:
+        raise ValueError("x has 0 channels: LayerNorm over channels needs C >= 1")
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(
+            f"weight must be a depthwise conv weight of shape (C, 1, k, k) (nn.Conv2d(C, C, k, groups=C).weight), "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] != channels:
+        raise ValueError(
+            f"weight has {weight.shape[0]} channels but x has C = {channels} (x.shape[1]); a depthwise conv weight is "
+            f"(C, 1, k, k)"
+        )
+    k = weight.shape[-1]
+    if k % 2 == 0 or k not in _dwconv_ln_ops.SUPPORTED_KERNEL_SIZES:
+        raise ValueError(
+            f"kernel size {k} not supported: dwconv_ln takes odd k from 3 to 13 "
+            f"({', '.join(map(str, _dwconv_ln_ops.SUPPORTED_KERNEL_SIZES))}; stride 1, 'same' zero padding k // 2)"
+        )
+    for name, t in (("weight", weight), ("conv_bias", conv_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if name != "weight" and tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(
+                f"{name} is {_dtype_name(t.dtype)} but x is {_dtype_name(x.dtype)}: each parameter must be x's dtype "
+                f"or float32 (e.g. float32 parameters with bfloat16 / float16 activations); cast one of them"
+            )
+    if not float(eps) >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if out_layout not in _OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be 'nhwc' ((B, H, W, C)) or 'nchw' ((B, C, H, W) view), got {out_layout!r}")
+
+
+def dwconv_ln(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    out_layout: str = "nhwc",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``LayerNorm_C(depthwise_conv_kxk(x) + conv_bias)`` in one kernel: ConvNeXt's ``dwconv -> permute -> norm``.
+
+    Equals ``F.layer_norm(F.conv2d(x, weight, conv_bias, padding=k // 2, groups=C).permute(0, 2, 3, 1), (C,),
+    ln_weight, ln_bias, eps)`` computed in float32 (float64 for float64 x). Backward recomputes the conv output, so
+    autograd keeps only x, the parameters and two (B, H, W) statistics.
+
+    Args:
+        x: ``(B, C, H, W)`` input, NCHW- or channels_last-contiguous (read as it is; other strides are copied once).
+            float16, bfloat16, float32, or float64 (float64 on the ``cpp`` and ``torch`` backends only).
+        weight: ``(C, 1, k, k)`` depthwise conv weight (``nn.Conv2d(C, C, k, groups=C).weight``), k odd in 3..13;
+            stride 1, zero padding ``k // 2`` (output H x W = input H x W).
+        conv_bias: ``(C,)`` conv bias or None.
+        ln_weight: ``(C,)`` LayerNorm weight or None (no scale).
+        ln_bias: ``(C,)`` LayerNorm bias or None.
+        eps: LayerNorm epsilon (timm's ConvNeXt: 1e-6; torch's default 1e-5).
+        out_layout: ``"nhwc"`` returns ``(B, H, W, C)`` contiguous (what the next ``nn.Linear`` wants);
+            ``"nchw"`` returns the same memory as a ``(B, C, H, W)`` view (channels_last memory format), for
+            timm's ``conv_mlp=True`` blocks and ``LayerNorm2d`` users.
+        backend: ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``; None chooses (see :mod:`pykernels.backends`).
+
+    Each parameter is x's dtype or float32 (float32 parameters with bfloat16 / float16 activations is the
+    mixed-precision case); gradients come back in each tensor's own dtype.
+
+    Returns:
+        ``(B, H, W, C)`` tensor (or its ``(B, C, H, W)`` permuted view for ``out_layout="nchw"``) of x's dtype.
+    """
+    _check_dwconv_ln_args(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout)
+    out, _, _ = _dwconv_ln_ops.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, float(eps), backend)
+    return out if out_layout == "nhwc" else out.permute(0, 3, 1, 2)

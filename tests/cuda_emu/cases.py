@@ -290,3 +290,225 @@ def run_fwd_with_bad_launch() -> dict:
     except RuntimeError as e:
         return {"error": str(e).splitlines()[0]}
     return {"error": None}
+
+
+# ---- dwconv_ln: depthwise k x k conv + LayerNorm over channels (csrc/cuda/dwconv_ln.cu) ------------------------------
+# Every output is compared with the float64 oracle (pykernels.reference in float64, on the same rounded inputs). The
+# kernels accumulate in float32 (float64 for float64 x) in another order than the oracle, so each element may be off
+# by DW_REL (1e-5 float32, 1e-12 float64) times a bound of its sum of |terms| (below), plus half an ulp of its dtype
+# for the final rounding; dtypes, shapes and strides must be the torch backend's (reference.dwconv_ln_fwd / _bwd).
+
+
+def _dw_rel(dtype: torch.dtype) -> float:
+    return 1e-12 if dtype == F64 else 1e-5
+
+
+def make_dw_inputs(layout, shape, k, dtype, param_dtype, params, gen):
+    """x (B, C, H, W) NCHW or channels_last, weight (C, 1, k, k), conv_bias / ln_weight / ln_bias (or None)."""
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, generator=gen, dtype=F64).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c, 1, k, k, generator=gen, dtype=F64) / k).to(param_dtype)
+    conv_bias = (0.5 * torch.randn(c, generator=gen, dtype=F64)).to(param_dtype) if params else None
+    ln_weight = (torch.rand(c, generator=gen, dtype=F64) + 0.5).to(param_dtype) if params else None
+    ln_bias = (0.3 * torch.randn(c, generator=gen, dtype=F64)).to(param_dtype) if params else None
+    return x, weight, conv_bias, ln_weight, ln_bias
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _structure(name, got, want) -> list[str]:
+    """Same dtype, shape and memory layout (strides of the dims of size > 1)."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return [f"{name}: got {got.dtype} {tuple(got.shape)}, want {want.dtype} {tuple(want.shape)}"]
+    dims = [d for d in range(got.dim()) if got.shape[d] > 1]
+    if [got.stride(d) for d in dims] != [want.stride(d) for d in dims]:
+        return [f"{name}: strides {got.stride()}, want {want.stride()}"]
+    return []
+
+
+def _within(name, got, want64, bound, rel) -> list[str]:
+    """|got - want64| <= rel * bound + half an ulp of got's dtype (its final rounding)."""
+    rounding = 0.5 * torch.finfo(got.dtype).eps * want64.abs() if got.dtype != F64 else 0.0
+    tol = rel * bound + rounding + 1e-300
+    err = (got.double() - want64).abs()
+    bad = (err > tol) | err.isnan()
+    if bad.any():
+        i = int((err / tol).nan_to_num(float("inf")).reshape(-1).argmax())
+        g, w, t = got.double().reshape(-1)[i].item(), want64.reshape(-1)[i].item(), tol.reshape(-1)[i].item()
+        worst = (err / tol).nan_to_num(float("inf")).max().item()
+        return [
+            f"{name}: {int(bad.sum())} of {bad.numel()} off (flat {i}: {g!r} vs oracle {w!r}, tol {t:.3g}; "
+            f"worst err/tol {worst:.3g})"
+        ]
+    return []
+
+
+def _conv_abs(x64, weight64, conv_bias64):
+    """(B, H, W, C) sum of |terms| of y = conv(x) + conv_bias."""
+    k = weight64.shape[-1]
+    y = torch.nn.functional.conv2d(x64.abs(), weight64.abs(), None, padding=k // 2, groups=x64.shape[1])
+    y = y.permute(0, 2, 3, 1)
+    return y + conv_bias64.abs() if conv_bias64 is not None else y
+
+
+def dwconv_fwd_case(layout, shape, k, dt, param_dt=None, params=True, eps=1e-6, seed=0) -> list[str]:
+    """pykernels_emu.dwconv_ln_fwd vs the float64 oracle: out, mean, rstd."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[dt]
+    x, weight, cb, lw, lb = make_dw_inputs(layout, shape, k, dtype, DTYPES[param_dt or dt], params, gen)
+    got = torch.ops.pykernels_emu.dwconv_ln_fwd(x, weight, cb, lw, lb, eps)
+    want = reference.dwconv_ln_fwd(x, weight, cb, lw, lb, eps)
+    problems = []
+    for name, g, w in zip(("out", "mean", "rstd"), got, want, strict=True):
+        problems += _structure(name, g, w)
+    if problems:
+        return problems
+    x64, w64, cb64, lw64, lb64 = (_f64(t) for t in (x, weight, cb, lw, lb))
+    out64, mean64, rstd64 = reference.dwconv_ln(x64, w64, cb64, lw64, lb64, eps, F64)
+    rel = _dw_rel(dtype)
+    scale = _conv_abs(x64, w64, cb64).amax(-1)  # (B, H, W): bounds the error of y, mean and var
+    xhat64 = (out64 - (lb64 if lb64 is not None else 0)) / (lw64 if lw64 is not None else 1)
+    lw_abs = lw64.abs() if lw64 is not None else 1.0
+    bound = lw_abs * (xhat64.abs() + 4 * rstd64[..., None] * scale[..., None])
+    if lb64 is not None:
+        bound = bound + lb64.abs()
+    problems += _within("out", got[0], out64, bound, rel)
+    problems += _within("mean", got[1], mean64, 4 * scale, rel)
+    problems += _within("rstd", got[2], rstd64, rstd64 * (1 + 4 * scale * rstd64), rel)
+    return problems
+
+
+def dwconv_bwd_case(
+    layout,
+    shape,
+    k,
+    dt,
+    param_dt=None,
+    params=True,
+    need_grad_x=True,
+    need_grad_params=True,
+    grad_dt=None,
+    eps=1e-6,
+    seed=0,
+) -> list[str]:
+    """pykernels_emu.dwconv_ln_bwd vs the float64 oracle: reference.dwconv_ln_bwd in float64, same mean / rstd."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[dt]
+    x, weight, cb, lw, lb = make_dw_inputs(layout, shape, k, dtype, DTYPES[param_dt or dt], params, gen)
+    x64, w64, cb64, lw64, lb64 = (_f64(t) for t in (x, weight, cb, lw, lb))
+    _, mean64, rstd64 = reference.dwconv_ln(x64, w64, cb64, lw64, lb64, eps, F64)
+    stats = reference.compute_dtype(dtype)
+    mean, rstd = mean64.to(stats), rstd64.to(stats)  # what the forward saved
+    b, c, h, w = shape
+    grad = torch.randn(b, h, w, c, generator=gen, dtype=F64).to(DTYPES[grad_dt or dt])
+    got = torch.ops.pykernels_emu.dwconv_ln_bwd(grad, x, weight, cb, lw, lb, mean, rstd, need_grad_x, need_grad_params)
+    want = reference.dwconv_ln_bwd(grad, x, weight, cb, lw, lb, mean, rstd, need_grad_x, need_grad_params)
+    names = ("grad_x", "grad_weight", "grad_conv_bias", "grad_ln_weight", "grad_ln_bias")
+    problems = []
+    for name, g, wnt in zip(names, got, want, strict=True):
+        problems += _structure(name, g, wnt)
+    if problems:
+        return problems
+    mean_s, rstd_s = mean.double(), rstd.double()
+    want64 = reference.dwconv_ln_bwd(
+        grad.double(), x64, w64, cb64, lw64, lb64, mean_s, rstd_s, need_grad_x, need_grad_params
+    )
+    # Magnitude bounds: X >= |xhat| + its sensitivity to y's error; D bounds the terms of dy.
+    rel = _dw_rel(dtype)
+    scale = _conv_abs(x64, w64, cb64).amax(-1, keepdim=True)
+    y64 = torch.nn.functional.conv2d(x64, w64, cb64, padding=k // 2, groups=c).permute(0, 2, 3, 1)
+    rs = rstd_s[..., None]
+    xhat = (y64 - mean_s[..., None]) * rs
+    big_x = xhat.abs() + 4 * rs * scale
+    g64 = grad.double()
+    gw = (g64 * lw64).abs() if lw64 is not None else g64.abs()
+    big_d = rs * (gw + gw.mean(-1, keepdim=True) + big_x * (gw * big_x).mean(-1, keepdim=True))
+    big_d_nchw = big_d.permute(0, 3, 1, 2)
+    if need_grad_x:
+        bound = torch.nn.functional.conv_transpose2d(big_d_nchw, w64.abs(), padding=k // 2, groups=c)
+        problems += _within("grad_x", got[0], want64[0], bound, rel)
+    if need_grad_params:
+        bound_w = torch.nn.grad.conv2d_weight(x64.abs(), w64.shape, big_d_nchw, padding=k // 2, groups=c)
+        problems += _within("grad_weight", got[1], want64[1], bound_w, rel)
+        bounds = (big_d.sum((0, 1, 2)), (g64.abs() * big_x).sum((0, 1, 2)), g64.abs().sum((0, 1, 2)))
+        for i, bound in enumerate(bounds, start=2):
+            if got[i].numel():
+                problems += _within(names[i], got[i], want64[i], bound, rel)
+    return problems
+
+
+# (layout, (B, C, H, W), k, dtypes): C = 3 (one partial chunk of 32 channels), 40 (two chunks), 200 (7 chunks, the
+# last partial), 2048 (64 chunks: the widest ConvNeXt, the tile shrinks); H = W = 1 / 7 / 13; W = 20 (two tiles of 16
+# per row, the second partial); B = 1 / 2; k = 3 / 5 / 7 / 13 (k = 13: the halo is wider than a 7 x 7 image, and the
+# float32 kernels opt in to more than 48 KB of dynamic shared memory). Small on purpose: the emulator runs one host
+# thread per CUDA thread.
+DW_GRID = [
+    ("nchw", (2, 3, 7, 7), 3, ("f32", "f16", "bf16", "f64")),
+    ("nhwc", (2, 3, 7, 7), 3, ("f32", "bf16", "f64")),
+    ("nchw", (1, 200, 7, 7), 7, ("f32",)),
+    ("nhwc", (1, 200, 7, 7), 7, ("bf16",)),
+    ("nchw", (1, 40, 13, 13), 13, ("f32",)),
+    ("nhwc", (1, 40, 13, 13), 13, ("f16",)),
+    ("nchw", (1, 8, 1, 1), 3, ("f32",)),
+    ("nhwc", (2, 5, 1, 1), 13, ("f32", "f16")),
+    ("nchw", (1, 6, 3, 20), 5, ("f32",)),
+    ("nhwc", (1, 6, 3, 20), 5, ("f64",)),
+    ("nchw", (1, 2048, 1, 1), 3, ("bf16",)),
+]
+
+
+def _dw_label(shape, k):
+    return "x".join(map(str, shape)) + f"/k{k}"
+
+
+def _dw_cases() -> dict[str, tuple]:
+    cases: dict[str, tuple] = {}
+    for layout, shape, k, dts in DW_GRID:
+        for dt in dts:
+            label = f"{layout}/{_dw_label(shape, k)}/{dt}"
+            cases[f"dwconv_fwd/{label}"] = (dwconv_fwd_case, layout, shape, k, dt)
+            cases[f"dwconv_bwd/{label}"] = (dwconv_bwd_case, layout, shape, k, dt)
+    small = ((2, 3, 7, 7), 3)
+    for layout in ("nchw", "nhwc"):
+        lbl = f"{layout}/{_dw_label(*small)}"
+        # parameters in float32 for reduced x; no parameters at all
+        cases[f"dwconv_fwd/{lbl}/f16-params-f32"] = (dwconv_fwd_case, layout, *small, "f16", "f32")
+        cases[f"dwconv_bwd/{lbl}/bf16-params-f32"] = (dwconv_bwd_case, layout, *small, "bf16", "f32")
+        cases[f"dwconv_fwd/{lbl}/f32/no-params"] = (dwconv_fwd_case, layout, *small, "f32", None, False)
+        cases[f"dwconv_bwd/{lbl}/f32/no-params"] = (dwconv_bwd_case, layout, *small, "f32", None, False)
+        # need_grad_x / need_grad_params (both True: the grid above)
+        for gx, gp in ((True, False), (False, True), (False, False)):
+            cases[f"dwconv_bwd/{lbl}/f32/grad_x{int(gx)}-params{int(gp)}"] = (
+                dwconv_bwd_case,
+                layout,
+                *small,
+                "f32",
+                None,
+                True,
+                gx,
+                gp,
+            )
+    # grad_out in another dtype than x (the launcher converts it to float32)
+    lbl = _dw_label(*small)
+    for layout, dt, grad_dt in (("nchw", "f16", "f32"), ("nhwc", "f32", "bf16")):
+        cases[f"dwconv_bwd/{layout}/{lbl}/{dt}-grad-{grad_dt}"] = (
+            dwconv_bwd_case,
+            layout,
+            *small,
+            dt,
+            None,
+            True,
+            True,
+            True,
+            grad_dt,
+        )
+    # the widest C with the largest k: the tile shrinks to fit the shared memory
+    cases["dwconv_fwd/nchw/1x2048x2x4/k13/bf16"] = (dwconv_fwd_case, "nchw", (1, 2048, 2, 4), 13, "bf16")
+    return cases
+
+
+CASES.update(_dw_cases())

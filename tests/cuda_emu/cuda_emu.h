@@ -26,6 +26,8 @@
 //     before the first write sees zeros or the previous block's data); UBSan's bounds check covers fixed-size
 //     arrays. Dynamic shared memory (PYKERNELS_DYNAMIC_SHARED in launch.cuh) is a heap buffer of exactly the
 //     launch's byte count (ASan catches any access past it), filled with 0xFF bytes (NaN) before every block.
+//   * Dynamic shared memory over 48 KB needs cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+//     bytes) first (<= 227 KB), as on a GPU; a launch without it fails as an invalid launch configuration.
 //   * Atomics are plain read-modify-writes: only the baton holder runs.
 //   * Threads whose kernel body throws, and every error above, abort the launch: a std::runtime_error naming the
 //     kernel and the block (RuntimeError in Python). One launch at a time per process (a global mutex).
@@ -160,6 +162,13 @@ inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
 }
+// kernel address -> the dynamic shared memory it may use above the default 48 KB (cudaFuncSetAttribute)
+inline std::map<const void*, std::size_t>& smem_optin() {
+  static std::map<const void*, std::size_t> optin;
+  return optin;
+}
+constexpr std::size_t kDefaultDynamicSmem = 48 * 1024;
+constexpr std::size_t kMaxDynamicSmem = 227 * 1024;
 // kernel address -> number of launches (read by the tests through pykernels_emu::emu_launches)
 inline std::map<const void*, long>& launch_log() {
   static std::map<const void*, long> log;
@@ -362,6 +371,11 @@ inline void run_grid(const void* kernel, std::function<void()> body, dim3 grid, 
                              std::to_string(block.z) + "), " + std::to_string(smem) + " B dynamic shared memory");
   }
   std::lock_guard<std::mutex> lock(launch_mutex());
+  if (smem > kDefaultDynamicSmem && smem_optin()[kernel] < smem) {
+    throw std::runtime_error("cuda_emu: invalid launch configuration of " + kernel_name(kernel) + ": " +
+                             std::to_string(smem) + " B dynamic shared memory (over 48 KB) needs "
+                             "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first");
+  }
   ++launch_log()[kernel];
   const char* order = std::getenv("CUDA_EMU_ORDER");
   const int forced = order == nullptr                   ? -1
@@ -417,6 +431,25 @@ T* dynamic_shared() {
 }
 
 }  // namespace cuda_emu
+
+// ---- runtime API: the calls the launchers make -------------------------------------------------------------------
+enum cudaError { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+typedef enum cudaError cudaError_t;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid argument";
+}
+// Only the dynamic shared memory opt-in is modelled: a launch with more than 48 KB needs it (as on a GPU).
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<std::size_t>(value) > cuda_emu::kMaxDynamicSmem) {
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> lock(cuda_emu::launch_mutex());
+  cuda_emu::smem_optin()[reinterpret_cast<const void*>(kernel)] = static_cast<std::size_t>(value);
+  return cudaSuccess;
+}
 
 // ---- synchronisation, warp collectives, atomics ------------------------------------------------------------------
 inline void __syncthreads() {

@@ -98,6 +98,7 @@ def test_every_cuda_kernel_runs_under_the_emulator():
         "bwd/nchw/2x3x13x13/f32/grad_branch1",  # channels outer, scalar
         "bwd/tokens/2x197x200/f32/grad_branch1",  # channels inner, vectorized
         "bwd/tokens/1x5x3/f32/grad_branch1",  # channels inner, scalar
+        *DWCONV_EVERY_KERNEL,
     ):
         assert call("run_case", name)["ok"], name
     launched = call("launched_kernels")
@@ -117,6 +118,31 @@ def test_every_cuda_kernel_runs_under_the_emulator():
     ):
         widths = {m.group(1) for n in launched for m in re.finditer(kernel + r"<.*, (\d+)(?:, (?:true|false))?>\(", n)}
         assert widths >= {"1", "4"}, f"{kernel}: vector widths launched {widths}, want 1 and 4"
+
+
+DWCONV_EVERY_KERNEL = (
+    "dwconv_fwd/nchw/2x3x7x7/k3/f32",  # dwconv_ln_fwd_kernel
+    "dwconv_bwd/nhwc/2x3x7x7/k3/bf16",  # dy (grad_out in x's dtype), input (channels_last), weight kernels
+    "dwconv_bwd/nchw/2x3x7x7/k3/f16-grad-f32",  # dy kernel reading float32 grad_out for float16 x; input (NCHW)
+)
+
+
+def test_every_dwconv_ln_kernel_runs_under_the_emulator():
+    """The four kernels of csrc/cuda/dwconv_ln.cu run under the emulator, the dy kernel with grad_out in x's dtype and
+    in float32 (the launcher's conversion)."""
+    for name in DWCONV_EVERY_KERNEL:
+        reply = call("run_case", name)
+        assert reply["ok"], f"{name}: {reply['detail']}"
+    names = " ".join(call("launched_kernels"))
+    for kernel in (
+        "dwconv_ln_fwd_kernel",
+        "dwconv_ln_bwd_dy_kernel",
+        "dwconv_ln_bwd_input_kernel",
+        "dwconv_ln_bwd_weight_kernel",
+    ):
+        assert f"::{kernel}<" in names, f"{kernel} never launched: {names}"
+    assert "dwconv_ln_bwd_dy_kernel<c10::BFloat16, c10::BFloat16, float>" in names, names
+    assert "dwconv_ln_bwd_dy_kernel<c10::Half, float, float>" in names, names
 
 
 # ---- the emulator's own semantics -----------------------------------------------------------------------------------

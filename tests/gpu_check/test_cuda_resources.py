@@ -30,6 +30,10 @@ LAUNCH_THREADS = {
     "drop_path_add_fwd_kernel": 256,  # kMaxThreads in drop_path.cu
     "drop_path_add_bwd_channels_inner_kernel": 256,
     "drop_path_add_bwd_channels_outer_kernel": 256,
+    "dwconv_ln_fwd_kernel": 256,  # kThreads in dwconv_ln.cu
+    "dwconv_ln_bwd_dy_kernel": 256,
+    "dwconv_ln_bwd_input_kernel": 256,
+    "dwconv_ln_bwd_weight_kernel": 256,
 }
 _ARCH_RE = re.compile(r"^arch = (sm_\d+)", re.M)
 _FUNC_RE = re.compile(r"Function\s+(\S+?):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

@@ -1,7 +1,7 @@
 """pykernels: fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in
 ``nn.Module``s with full autograd.
 
-    from pykernels import ConvNeXtBlock, DropPath
+    from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm
     from pykernels.functional import drop_path_add, dwconv_ln
     pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt blocks and DropPaths -> pykernels'
 
@@ -15,7 +15,7 @@ _backends.extension_status()  # load pykernels._C (if built) before the ops regi
 
 from pykernels import functional  # noqa: E402
 from pykernels.backends import BackendNotSupportedError, use_backend  # noqa: E402
-from pykernels.modules import ConvNeXtBlock, DropPath, FusedMHSA  # noqa: E402
+from pykernels.modules import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMHSA  # noqa: E402
 from pykernels.swap import swap  # noqa: E402
 
 
@@ -28,6 +28,7 @@ __all__ = [
     "BackendNotSupportedError",
     "ConvNeXtBlock",
     "DropPath",
+    "DWConvLayerNorm",
     "FusedMHSA",
     "functional",
     "info",

@@ -3,5 +3,6 @@
 from pykernels.modules.attention import FusedMHSA, FusedMultiheadAttention, FusedViTAttention
 from pykernels.modules.convnext import ConvNeXtBlock
 from pykernels.modules.drop_path import DropPath
+from pykernels.modules.dwconv_ln import DWConvLayerNorm
 
-__all__ = ["ConvNeXtBlock", "DropPath", "FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention"]
+__all__ = ["ConvNeXtBlock", "DropPath", "DWConvLayerNorm", "FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention"]

@@ -32,13 +32,8 @@ MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 13
 
 
 def _dwconv_ln_nhwc(x, weight, conv_bias, ln_weight, ln_bias, eps, backend):
-    fused = getattr(PF, "dwconv_ln", None)
-    if fused is not None:
-        return fused(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout="nhwc", backend=backend)
-    from pykernels import reference  # TEMPORARY shim until functional.dwconv_ln lands
-
-    out = reference.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, eps, reference.compute_dtype(x.dtype))[0]
-    return out.to(x.dtype).contiguous()
+    """(B, H, W, C) contiguous ``LayerNorm_C(dwconv(x))``: one fused pykernels op, forward and backward."""
+    return PF.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout="nhwc", backend=backend)
 
 
 class ConvNeXtMlp(nn.Module):

@@ -103,3 +103,25 @@ def test_bench_attention_smoke(tmp_path):
         assert info["flops"] > 0 and "tflops" in info, info  # tiny shapes: the rounded figure may be 0.0
         if info["provider"] == "pykernels":
             assert info["backend"] == "torch"  # CPU: SDPA through pykernels::attention
+
+
+def test_bench_dwconv_ln_smoke(tmp_path):
+    """bench/bench_dwconv_ln.py runs the op and the whole-block cases, both modes, every non-compile provider, with
+    GB/s and the saved-for-backward bytes of the train step; pykernels' op runs a compiled or reference backend."""
+    benches = json.loads(_run_bench("bench/bench_dwconv_ln.py", tmp_path).read_text())["benchmarks"]
+    seen = {(b["extra_info"]["op"], b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
+    assert seen == {
+        (op, f"{case}-{m}", p)
+        for op, cases in (("dwconv_ln", ("s1", "s1-cl")), ("convnext_block", ("s1",)))
+        for case in cases
+        for m in ("fwd", "fwd_bwd")
+        for p in ("eager", "pykernels")
+    }
+    for b in benches:
+        info = b["extra_info"]
+        assert info["ideal_bytes"] == (2 if info["case"].endswith("-fwd") else 5) * _numel(info["shape"]) * 4
+        assert "gbps" in info, info
+        if info["case"].endswith("fwd_bwd"):
+            assert info["saved_bytes"] > 0, info
+        if info["provider"] == "pykernels":
+            assert info["backend"] in ("cpp", "torch"), info

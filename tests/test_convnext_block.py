@@ -601,7 +601,36 @@ def test_swap_include_exclude_kinds():
     assert len(only_dp.pykernels_swapped) == 12
 
 
-# ---- 7. torch.compile ---------------------------------------------------------------------------------------------
+# ---- 7. CUDA (runs where a GPU is present) ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("source", ["timm", "timm_conv_mlp", "torchvision", "hf"])
+def test_cuda_parity_and_train_mask(source, layout):
+    """On the GPU backends chosen automatically: eval output and gradients vs the original (TF32 off on both
+    sides), and the same DropPath mask under the same seed in train mode (CUDA's Philox stream, same draw)."""
+    original = build(source, dim=48, drop_path=0.5).cuda().eval()
+    ours = ConvNeXtBlock.from_module(original)
+    assert ours.conv_dw.weight.is_cuda
+    x = make_x((8, 48, 14, 14), layout).cuda()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            compare_to_original(ours, original, SOURCES[source][1], x, out_rtol=1e-5, grad_rtol=1e-4)
+            original.train(), ours.train()
+            with torch.no_grad():
+                for seed in range(2):
+                    out = run_seeded(lambda: ours(x), seed)
+                    ref = run_seeded(lambda: original(x), seed)
+                    assert torch.equal(dropped_rows(out - x), dropped_rows(ref - x)), f"seed {seed}"
+                    assert_close_scaled(out, ref, 1e-5, f"train seed {seed}")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+
+
+# ---- 8. torch.compile ---------------------------------------------------------------------------------------------
 
 
 def test_compile_fullgraph_matches_eager():

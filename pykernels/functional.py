@@ -253,10 +253,11 @@ def _check_dwconv_ln_args(x, weight, conv_bias, ln_weight, ln_bias, eps, out_lay
             raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
-        if t.dtype not in (x.dtype, torch.float32):
+        if t.dtype != x.dtype and (t.dtype != torch.float32 or x.dtype == torch.float64):
             raise TypeError(
                 f"{name} is {_dtype_name(t.dtype)} but x is {_dtype_name(x.dtype)}: each parameter must be x's dtype "
-                f"or float32 (e.g. float32 parameters with bfloat16 / float16 activations); cast one of them"
+                f"or float32 (float32 parameters with bfloat16 / float16 activations; float64 x needs float64 "
+                f"parameters); cast one of them"
             )
     if not float(eps) >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -295,7 +296,7 @@ def dwconv_ln(
         backend: ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``; None chooses (see :mod:`pykernels.backends`).
 
     Each parameter is x's dtype or float32 (float32 parameters with bfloat16 / float16 activations is the
-    mixed-precision case); gradients come back in each tensor's own dtype.
+    mixed-precision case; float64 x takes float64 parameters); gradients come back in each tensor's own dtype.
 
     Returns:
         ``(B, H, W, C)`` tensor (or its ``(B, C, H, W)`` permuted view for ``out_layout="nchw"``) of x's dtype.

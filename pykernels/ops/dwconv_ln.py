@@ -56,12 +56,12 @@ def _kernel_size_check(kernel_size: int | None = None, **_) -> list[str]:
 
 def _param_dtype_check(dtypes: Sequence[torch.dtype], param_dtypes: Sequence[torch.dtype] = (), **_) -> list[str]:
     x_dtype = dtypes[0]
-    allowed = {x_dtype, torch.float32}
+    allowed = {x_dtype} if x_dtype == torch.float64 else {x_dtype, torch.float32}
     bad = sorted({str(d).replace("torch.", "") for d in param_dtypes if d not in allowed})
     if bad:
         return [
             f"parameter dtype {', '.join(bad)} with {str(x_dtype).replace('torch.', '')} x: the kernels take each "
-            "parameter in x's dtype or float32"
+            "parameter in x's dtype or float32 (float64 x: float64 parameters)"
         ]
     return []
 
@@ -297,6 +297,8 @@ def dwconv_ln_backward(
     grad_x has x's kernel layout (NCHW or channels_last) and dtype; each parameter gradient its parameter's shape and
     dtype. Gradients not asked for, or of a None parameter, are empty (0,) tensors (x's dtype, or the parameter's).
     """
+    if (grad_out.dtype == torch.float64) != (x.dtype == torch.float64):  # the kernels: float64 with float64 only
+        grad_out = grad_out.to(_stat_dtype(x))
     name = select_backend(x, weight, conv_bias, ln_weight, ln_bias, grad_out=grad_out, backend=backend)
     if x.numel() == 0:
         name = "torch"

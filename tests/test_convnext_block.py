@@ -403,6 +403,9 @@ def test_constructor_defaults_and_repr():
     for bad in (4, 15, 1):
         with pytest.raises(ValueError, match="kernel_size"):
             ConvNeXtBlock(8, kernel_size=bad)
+    for dim in (1, 2):  # a (C,) layer-scale with C = 1 must not be mistaken for a per-W one
+        out = ConvNeXtBlock(dim, layer_scale_init_value=0.5)(make_x((2, dim, 5, 3)))
+        assert out.shape == (2, dim, 5, 3)
     with pytest.raises(ValueError, match=r"\(B, 8, H, W\)"):
         ConvNeXtBlock(8)(torch.randn(2, 9, 4, 4))
 

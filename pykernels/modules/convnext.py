@@ -157,15 +157,15 @@ class ConvNeXtBlock(nn.Module):
             x, self.conv_dw.weight, self.conv_dw.bias, norm.weight, norm.bias, norm.eps, self.backend
         )  # (B, H, W, C) contiguous
         y = self.mlp(y)  # (B, H, W, C) contiguous
-        # (B, C, H, W) view of the channels-last result: drop_path_add writes its output in this layout; an NCHW x is
-        # the one operand it copies (once, into the same layout) - the same single transposition the original's
-        # permute + add does, and after it every following block gets a channels-last input and copies nothing.
-        branch = y.permute(0, 3, 1, 2)
-        gamma = None if self.gamma is None else self.gamma.view(-1, 1, 1)
+        # Residual add in (B, H, W, C) order: x.permute(0, 2, 3, 1) is a free view of a channels-last x; an NCHW x is
+        # the one operand drop_path_add copies (once) - the same single transposition the original's permute + add
+        # does. The result, viewed back as (B, C, H, W), is channels-last, so every following block reads it as is.
         dp = self.drop_path
-        return PF.drop_path_add(
-            x, branch, dp.drop_prob, gamma, dp.training, dp.scale_by_keep, dp.backend, mode=dp.mode, rng=dp.rng
-        )
+        out = PF.drop_path_add(
+            x.permute(0, 2, 3, 1), y, dp.drop_prob, self.gamma, dp.training, dp.scale_by_keep, dp.backend,
+            mode=dp.mode, rng=dp.rng,
+        )  # fmt: skip
+        return out.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"kernel_size={self.kernel_size}", f"hidden_dim={self.hidden_dim}"]

@@ -26,6 +26,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True, scope="module")
+def _no_tf32():
+    """On a GPU, eager float32 convs (forward and backward) in full float32, not TF32: eager is the yardstick."""
+    allow = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread_per_xdist_worker():
     """Under pytest-xdist every worker is its own process: one intra-op thread each, so that N workers on N cores do
     not fight over 2N threads (tiny ops then cost a thread pool wake-up each). Single-process runs keep the default."""

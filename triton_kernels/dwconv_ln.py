@@ -1,0 +1,944 @@
+"""Triton kernels of ``DWConvLayerNorm``: a depthwise k x k convolution fused with LayerNorm over channels.
+
+ConvNeXt's block front (Liu et al. 2022, "A ConvNet for the 2020s"): ``out[b, h, w, :] = LayerNorm_C(dwconv_kxk(x)
+[b, :, h, w] + conv_bias)``, stride 1, zero "same" padding ``k // 2``, odd ``k`` in ``SUPPORTED_KERNEL_SIZES``.
+Contract (shapes, dtypes, outputs) in csrc/ops.cpp; the launchers ``dwconv_ln_fwd`` / ``dwconv_ln_bwd`` have the
+signatures of the compiled ``pykernels::dwconv_ln_fwd`` / ``dwconv_ln_bwd`` ops and of pykernels/reference.py.
+
+Tiling: a program owns a ``BLOCK_H x BLOCK_W`` tile of pixels of one image (flattened to ``BLOCK_P`` rows) times a
+block of ``BLOCK_C`` channels. The k x k taps loop accumulates the conv in fp32 in registers, row-major over the
+taps, then adds ``conv_bias``; ``k`` is a runtime argument (one compiled kernel serves k = 3..13, and ptxas keeps
+the loops rolled: with a constexpr ``k`` the unrolled taps pushed chunked specialisations into register spills). ``x``
+is read through its four strides (NCHW or channels-last in place, no copy). Offsets: the image base ``b * stride_b``
+is int64 (``B * C * H * W`` may pass 2**31), offsets inside an image int32 (the launchers check ``< 2**31``).
+
+* forward (``_dwconv_ln_fwd_kernel``): when ``next_pow2(C) <= SINGLE_PASS_MAX_CHANNELS`` one tile holds every channel
+  of its pixels: conv, exact two-pass mean / biased variance in registers, normalised store. Wider ``C`` is chunked:
+  pass 1 computes the conv of each ``BLOCK_C`` chunk and merges the chunk's (mean, sum of squared deviations) into
+  the pixel's running pair (Chan et al.'s parallel variance: no ``E[y^2] - E[y]^2`` cancellation); pass 2 recomputes
+  the conv of each chunk and stores it normalised. Nothing unnormalised is ever written. ``mean`` / ``rstd`` (B, H,
+  W) fp32; ``rstd = 1 / sqrt(var + eps)``.
+* backward, three kernels and two torch sums (parameter grads deterministic: a fixed partition that depends on the
+  shape only, partials reduced with ``Tensor.sum(0)``; no atomics):
+  1. ``_dwconv_ln_bwd_dy_kernel``, same tiling as the forward (single pass or chunked in two passes): recomputes ``y``
+     and ``xhat = (y - mean) * rstd``, ``dy = rstd * (gw - mean_c(gw) - xhat * mean_c(gw * xhat))`` with ``gw = g *
+     ln_weight``, into an fp32 (B, H, W, C) workspace, and per-tile partial sums of ``g * xhat``, ``g`` and ``dy``
+     (grad_ln_weight, grad_ln_bias, grad_conv_bias) into a (tiles, 3, C) fp32 buffer;
+  2. ``_dwconv_ln_bwd_dx_kernel``: ``grad_x`` = the transposed depthwise conv of ``dy``, written in ``x``'s layout;
+  3. ``_dwconv_ln_bwd_dw_kernel``: program = (pixel group, tap row ``i``, channel block); accumulates ``dy[p, c] *
+     x[p + (i - r, j - r), c]`` for all ``j`` at once in a (BLOCK_P, next_pow2(k), BLOCK_C) register tile over the
+     group's pixel tiles, and writes one (C, k, k) partial of ``grad_weight`` per group.
+  The transient workspace is ``4 * B * H * W * C`` bytes (dy) plus partial sums; what autograd saves stays ``x``,
+  ``mean``, ``rstd``.
+
+Tiles, warps and the chunking threshold come from the tables below (``_fwd_config``, ``_dx_config``, ``_dw_config``),
+which ``AOT_SPECS`` at the bottom mirrors; every launch passes ``maxnreg=MAXNREG`` (128: two 8-warp programs per SM).
+fp16 / bf16 / fp32 inputs (parameters in x's dtype or fp32), fp32 accumulation; FMA contraction is left on
+(``enable_fp_fusion`` default): the conv taps become fused multiply-adds, one rounding per tap instead of two. Under
+the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) the launchers pick bigger tiles (fewer, larger numpy
+programs) but the same chunking threshold, so the chunked path is exercised there too. No ``tl.dot``: bf16 runs in
+the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# no channel limit: C above SINGLE_PASS_MAX_CHANNELS (rounded up to a power of 2) runs the chunked two-pass path
+SINGLE_PASS_MAX_CHANNELS = 1024
+CHUNK_CHANNELS = 256  # BLOCK_C of the chunked path (ConvNeXt-L/XL: 1536 = 6 chunks, 2048 = 8)
+TILE_ELEMENTS = 4096  # pixels x channels of one program's fp32 tile on GPU (16 per thread at 8 warps)
+MAX_BLOCK_P = 64  # pixels per program on GPU (an 8 x 8 tile)
+GPU_BLOCK_W = 8  # tile width on GPU: ConvNeXt maps (56, 28, 14, 7) waste <= 1/8 of a tile row
+DX_MAX_BLOCK_C = 128
+DW_MAX_BLOCK_C = 32
+DW_TARGET_PROGRAMS = 1024  # grad_weight partition: about this many programs, from the shape only (deterministic)
+# the interpreter runs each program as numpy ops over its whole tile: big tiles, few programs
+INTERP_TILE_ELEMENTS = 16384
+INTERP_MAX_BLOCK_P = 256
+INTERP_DW_GROUPS = 1
+MAX_GRID_Y = 65535
+# Launch option: an explicit register budget for ptxas. Without one, ptxas picked its own target for some 8-warp
+# chunked / dy specialisations (64 or 80 registers on sm_80) and spilled a few bytes (AOT gate); with 255 it took up to
+# 255 (one program per SM). 128 = two 8-warp programs per SM, and no spills on any gated specialisation.
+MAXNREG = 128
+
+
+def _pad_taps(ksize: int) -> int:
+    return triton.next_power_of_2(ksize)
+
+
+# ---- device helpers ---------------------------------------------------------------------------------------------
+# Offsets: each program's image base is an int64 scalar (b * batch stride: B * C * H * W may pass 2**31); offsets
+# inside one image are int32 (the launchers check that an image spans < 2**31 elements).
+
+
+@triton.jit
+def _tile_pixels(tile, tiles_w, tiles_per_image, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # tile index -> (image b (int64), rows hh, columns ww) of its BLOCK_H x BLOCK_W pixels, flattened row-major
+    b = (tile // tiles_per_image).to(tl.int64)
+    t = tile % tiles_per_image
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    hh = (t // tiles_w) * BLOCK_H + p // BLOCK_W
+    ww = (t % tiles_w) * BLOCK_W + p % BLOCK_W
+    return b, hh, ww
+
+
+@triton.jit
+def _conv_tile(
+    X_IMAGE,
+    WEIGHT,
+    CONV_BIAS,
+    hh,
+    ww,
+    channels,
+    C,
+    H,
+    W,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    ksize,
+    HAS_CONV_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # y[p, c] = sum_{i, j} x[b, c, hh + i - r, ww + j - r] * weight[c, 0, i, j] (+ conv_bias[c]), fp32, taps in
+    # row-major order; zero outside the image and for channels >= C. Pixels outside the image get values that are
+    # never stored (their taps are still clamped to in-image addresses by the masks).
+    pad = ksize // 2
+    channel_ok = channels < C
+    # offsets of the centre taps, built once; each tap adds a scalar shift
+    centre = (hh * stride_xh + ww * stride_xw)[:, None] + (channels * stride_xc)[None, :]
+    weight_ptrs = WEIGHT + channels * (ksize * ksize)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for i in range(ksize):
+        h_in = hh + (i - pad)
+        h_ok = (h_in >= 0) & (h_in < H)
+        for j in range(ksize):
+            w_in = ww + (j - pad)
+            pixel_ok = h_ok & (w_in >= 0) & (w_in < W)
+            shift = (i - pad) * stride_xh + (j - pad) * stride_xw
+            x = tl.load(X_IMAGE + (centre + shift), mask=pixel_ok[:, None] & channel_ok[None, :], other=0.0)
+            w = tl.load(weight_ptrs + (i * ksize + j), mask=channel_ok, other=0.0)
+            acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    if HAS_CONV_BIAS:
+        acc += tl.load(CONV_BIAS + channels, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _load_channel_vector(PTR, channels, C, HAS: tl.constexpr, DEFAULT: tl.constexpr):
+    # a (C,) parameter as fp32 [BLOCK_C] (DEFAULT where absent / past C)
+    if HAS:
+        return tl.load(PTR + channels, mask=channels < C, other=DEFAULT).to(tl.float32)
+    else:
+        return tl.full(channels.shape, DEFAULT, tl.float32)
+
+
+# ---- forward ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dwconv_ln_fwd_kernel(
+    OUT,
+    MEAN,
+    RSTD,
+    X,
+    WEIGHT,
+    CONV_BIAS,
+    LN_WEIGHT,
+    LN_BIAS,
+    C,
+    H,
+    W,
+    ksize,
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    tiles_w,
+    tiles_per_image,
+    eps,
+    HAS_CONV_BIAS: tl.constexpr,
+    HAS_LN_WEIGHT: tl.constexpr,
+    HAS_LN_BIAS: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # one program = BLOCK_H x BLOCK_W pixels of one image x all channels (in BLOCK_C chunks when CHUNKED)
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    b, hh, ww = _tile_pixels(tl.program_id(0), tiles_w, tiles_per_image, BLOCK_H, BLOCK_W)
+    pixel_ok = (hh < H) & (ww < W)
+    pixel = hh * W + ww  # in the image
+    x_image = X + b * stride_xb
+    out_image = OUT + b * H * W * C
+    out_rows = (pixel * C)[:, None]
+    lane = tl.arange(0, BLOCK_C)
+    if CHUNKED:
+        # pass 1: per chunk, exact (mean, M2) of the chunk, merged into the running pair (Chan et al.)
+        mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + lane
+            y = _conv_tile(
+                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+            )  # fmt: skip
+            count = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            chunk_mean = tl.sum(y, axis=1) / count
+            deviation = tl.where((channels < C)[None, :], y - chunk_mean[:, None], 0.0)
+            chunk_m2 = tl.sum(deviation * deviation, axis=1)
+            seen = c0 * 1.0  # channels merged so far (every earlier chunk is full)
+            total = seen + count
+            delta = chunk_mean - mean
+            mean += delta * (count / total)
+            m2 += chunk_m2 + delta * delta * (seen * count / total)
+        rstd = 1.0 / tl.sqrt_rn(m2 / C + eps)
+        # pass 2: recompute each chunk's conv, normalise, store
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + lane
+            y = _conv_tile(
+                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+            )  # fmt: skip
+            ln_w = _load_channel_vector(LN_WEIGHT, channels, C, HAS_LN_WEIGHT, 1.0)
+            ln_b = _load_channel_vector(LN_BIAS, channels, C, HAS_LN_BIAS, 0.0)
+            out = (y - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+            out_mask = pixel_ok[:, None] & (channels < C)[None, :]
+            tl.store(out_image + (out_rows + channels[None, :]), out.to(OUT.dtype.element_ty), mask=out_mask)
+    else:
+        # single pass: the whole channel row of each pixel stays in registers
+        channels = lane
+        channel_ok = channels < C
+        y = _conv_tile(
+            x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+            ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+        )  # fmt: skip
+        mean = tl.sum(y, axis=1) / C
+        deviation = tl.where(channel_ok[None, :], y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(deviation * deviation, axis=1) / C + eps)
+        ln_w = _load_channel_vector(LN_WEIGHT, channels, C, HAS_LN_WEIGHT, 1.0)
+        ln_b = _load_channel_vector(LN_BIAS, channels, C, HAS_LN_BIAS, 0.0)
+        out = deviation * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+        out_mask = pixel_ok[:, None] & channel_ok[None, :]
+        tl.store(out_image + (out_rows + channels[None, :]), out.to(OUT.dtype.element_ty), mask=out_mask)
+    stats_offset = b * H * W
+    tl.store(MEAN + stats_offset + pixel, mean, mask=pixel_ok)
+    tl.store(RSTD + stats_offset + pixel, rstd, mask=pixel_ok)
+
+
+# ---- backward ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dy_chunk(
+    GRAD_OUT_IMAGE, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT: tl.constexpr
+):
+    # (xhat, g, gw) of one tile / chunk in fp32; g = 0 outside the image and past C
+    xhat = (y - mean[:, None]) * rstd[:, None]
+    g_mask = pixel_ok[:, None] & (channels < C)[None, :]
+    g = tl.load(GRAD_OUT_IMAGE + (g_rows + (channels * stride_gc)[None, :]), mask=g_mask, other=0.0).to(tl.float32)
+    if HAS_LN_WEIGHT:
+        gw = g * _load_channel_vector(LN_WEIGHT, channels, C, True, 0.0)[None, :]
+    else:
+        gw = g
+    return xhat, g, gw
+
+
+@triton.jit
+def _dwconv_ln_bwd_dy_kernel(
+    DY,
+    PARTIAL,
+    GRAD_OUT,
+    X,
+    WEIGHT,
+    CONV_BIAS,
+    LN_WEIGHT,
+    MEAN,
+    RSTD,
+    C,
+    H,
+    W,
+    ksize,
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_gb,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    tiles_w,
+    tiles_per_image,
+    HAS_CONV_BIAS: tl.constexpr,
+    HAS_LN_WEIGHT: tl.constexpr,
+    NEED_PARTIALS: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # one program = one pixel tile x all channels: dy into the fp32 (B, H, W, C) workspace and, if NEED_PARTIALS,
+    # this tile's sums over its pixels of g * xhat, g, dy into PARTIAL[tile, 0:3, :]
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    tile = tl.program_id(0)
+    b, hh, ww = _tile_pixels(tile, tiles_w, tiles_per_image, BLOCK_H, BLOCK_W)
+    pixel_ok = (hh < H) & (ww < W)
+    pixel = hh * W + ww
+    x_image = X + b * stride_xb
+    g_image = GRAD_OUT + b * stride_gb
+    g_rows = (hh * stride_gh + ww * stride_gw)[:, None]
+    dy_image = DY + b * H * W * C
+    dy_rows = (pixel * C)[:, None]
+    # rstd = 0 outside the image: xhat = 0 and dy = 0 there
+    stats_offset = b * H * W
+    mean = tl.load(MEAN + stats_offset + pixel, mask=pixel_ok, other=0.0)
+    rstd = tl.load(RSTD + stats_offset + pixel, mask=pixel_ok, other=0.0)
+    partial_row = PARTIAL + tile.to(tl.int64) * 3 * C
+    lane = tl.arange(0, BLOCK_C)
+    if CHUNKED:
+        # pass 1: the per-pixel means over channels of gw and gw * xhat
+        sum_gw = tl.zeros([BLOCK_P], dtype=tl.float32)
+        sum_gw_xhat = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + lane
+            y = _conv_tile(
+                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+            )  # fmt: skip
+            xhat, g, gw = _dy_chunk(
+                g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
+            )
+            sum_gw += tl.sum(gw, axis=1)
+            sum_gw_xhat += tl.sum(gw * xhat, axis=1)
+        mean_gw = sum_gw / C
+        mean_gw_xhat = sum_gw_xhat / C
+        # pass 2: dy per chunk (conv recomputed), stores and partial sums
+        for c0 in range(0, C, BLOCK_C):
+            channels = c0 + lane
+            channel_ok = channels < C
+            y = _conv_tile(
+                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+            )  # fmt: skip
+            xhat, g, gw = _dy_chunk(
+                g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
+            )
+            dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
+            tl.store(dy_image + (dy_rows + channels[None, :]), dy, mask=pixel_ok[:, None] & channel_ok[None, :])
+            if NEED_PARTIALS:
+                tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
+                tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
+                tl.store(partial_row + 2 * C + channels, tl.sum(dy, axis=0), mask=channel_ok)
+    else:
+        channels = lane
+        channel_ok = channels < C
+        y = _conv_tile(
+            x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
+            ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
+        )  # fmt: skip
+        xhat, g, gw = _dy_chunk(
+            g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
+        )
+        # gw = 0 past C, so the padded channels drop out of both means
+        mean_gw = tl.sum(gw, axis=1) / C
+        mean_gw_xhat = tl.sum(gw * xhat, axis=1) / C
+        dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
+        tl.store(dy_image + (dy_rows + channels[None, :]), dy, mask=pixel_ok[:, None] & channel_ok[None, :])
+        if NEED_PARTIALS:
+            tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
+            tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
+            tl.store(partial_row + 2 * C + channels, tl.sum(dy, axis=0), mask=channel_ok)
+
+
+@triton.jit
+def _dwconv_ln_bwd_dx_kernel(
+    GRAD_X,
+    DY,
+    WEIGHT,
+    C,
+    H,
+    W,
+    ksize,
+    stride_gxb,
+    stride_gxc,
+    stride_gxh,
+    stride_gxw,
+    tiles_w,
+    tiles_per_image,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # grad_x[b, c, h, w] = sum_{i, j} dy[b, h - i + r, w - j + r, c] * weight[c, 0, i, j]; program = pixel tile x
+    # channel block (axis 1)
+    pad = ksize // 2
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    b, hh, ww = _tile_pixels(tl.program_id(0), tiles_w, tiles_per_image, BLOCK_H, BLOCK_W)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    dy_image = DY + b * H * W * C
+    centre = ((hh * W + ww) * C)[:, None] + channels[None, :]
+    weight_ptrs = WEIGHT + channels * (ksize * ksize)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for i in range(ksize):
+        h_src = hh - (i - pad)
+        h_ok = (h_src >= 0) & (h_src < H)
+        for j in range(ksize):
+            w_src = ww - (j - pad)
+            src_ok = h_ok & (w_src >= 0) & (w_src < W)
+            shift = -((i - pad) * W + (j - pad)) * C
+            dy = tl.load(dy_image + (centre + shift), mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
+            w = tl.load(weight_ptrs + (i * ksize + j), mask=channel_ok, other=0.0)
+            acc += dy * w.to(tl.float32)[None, :]
+    pixel_ok = (hh < H) & (ww < W)
+    offsets = (hh * stride_gxh + ww * stride_gxw)[:, None] + (channels * stride_gxc)[None, :]
+    grad_x = acc.to(GRAD_X.dtype.element_ty)
+    tl.store(GRAD_X + b * stride_gxb + offsets, grad_x, mask=pixel_ok[:, None] & channel_ok[None, :])
+
+
+@triton.jit
+def _dwconv_ln_bwd_dw_kernel(
+    PARTIAL_W,
+    DY,
+    X,
+    C,
+    H,
+    W,
+    ksize,
+    stride_xb,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    tiles_w,
+    tiles_per_image,
+    num_tiles,
+    tiles_per_group,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # program (group, tap row i, channel block): PARTIAL_W[group, c, i, j] = sum over the group's pixels p of
+    # dy[p, c] * x[c, p + (i - r, j - r)], all j at once (BLOCK_K >= ksize lanes); accumulated elementwise in a
+    # (BLOCK_P, BLOCK_K, BLOCK_C) tile, reduced over pixels once at the end
+    pad = ksize // 2
+    BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
+    group = tl.program_id(0)
+    i = tl.program_id(1)
+    channels = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_ok = channels < C
+    channel_offset = channels * stride_xc
+    taps = tl.arange(0, BLOCK_K)
+    tap_ok = taps < ksize
+    acc = tl.zeros([BLOCK_P, BLOCK_K, BLOCK_C], dtype=tl.float32)
+    tile_start = group * tiles_per_group
+    tile_end = tl.minimum(tile_start + tiles_per_group, num_tiles)
+    for tile in range(tile_start, tile_end):
+        b, hh, ww = _tile_pixels(tile, tiles_w, tiles_per_image, BLOCK_H, BLOCK_W)
+        pixel_ok = (hh < H) & (ww < W)
+        dy_ptrs = DY + b * H * W * C + (((hh * W + ww) * C)[:, None] + channels[None, :])
+        dy = tl.load(dy_ptrs, mask=pixel_ok[:, None] & channel_ok[None, :], other=0.0)
+        h_in = hh + (i - pad)
+        w_in = ww[:, None] + (taps - pad)[None, :]  # (BLOCK_P, BLOCK_K)
+        in_ok = ((h_in >= 0) & (h_in < H))[:, None] & (w_in >= 0) & (w_in < W) & tap_ok[None, :]
+        pixel_offset = (h_in * stride_xh)[:, None] + w_in * stride_xw
+        x_ptrs = X + b * stride_xb + (pixel_offset[:, :, None] + channel_offset[None, None, :])
+        x = tl.load(x_ptrs, mask=in_ok[:, :, None] & channel_ok[None, None, :], other=0.0)
+        acc += dy[:, None, :] * x.to(tl.float32)
+    partial = tl.sum(acc, axis=0)  # (BLOCK_K, BLOCK_C)
+    out_offsets = (channels[None, :] * ksize + i) * ksize + taps[:, None]
+    tl.store(
+        PARTIAL_W + group.to(tl.int64) * C * ksize * ksize + out_offsets,
+        partial,
+        mask=tap_ok[:, None] & channel_ok[None, :],
+    )
+
+
+# ---- configs (mirrored by AOT_SPECS) ----------------------------------------------------------------------------
+
+
+def _warps_for(elements: int, per_thread: int = 16) -> int:
+    # ~per_thread fp32 tile elements per thread, 1 to 8 warps
+    return max(1, min(8, elements // (32 * per_thread)))
+
+
+def _pixel_tile(block_p: int, height: int, width: int, interp: bool) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W) with BLOCK_H * BLOCK_W == block_p (GPU: width 8; interpreter: fitted to the image)."""
+    if interp:
+        block_w = min(triton.next_power_of_2(width), block_p)
+        block_h = min(triton.next_power_of_2(height), block_p // block_w)
+        return block_h, block_w
+    block_w = min(GPU_BLOCK_W, block_p)
+    return block_p // block_w, block_w
+
+
+def _fwd_config(channels: int, interp: bool, backward: bool = False) -> tuple[int, int, bool, int]:
+    """(BLOCK_P, BLOCK_C, CHUNKED, num_warps) of the forward kernel (and of the dy kernel: ``backward``).
+
+    GPU: single pass up to next_pow2(C) = SINGLE_PASS_MAX_CHANNELS with BLOCK_P * next_pow2(C) = TILE_ELEMENTS (16
+    fp32 per thread); the chunked passes and the dy kernel, which keep more tiles alive, use half the tile (8 per
+    thread at 8 warps; 16 per thread spilled or reached the 255-register cap on sm_80 in the AOT gate).
+    """
+    c_pad = triton.next_power_of_2(channels)
+    chunked = c_pad > SINGLE_PASS_MAX_CHANNELS
+    block_c = CHUNK_CHANNELS if chunked else c_pad
+    if interp:
+        return max(1, min(INTERP_MAX_BLOCK_P, INTERP_TILE_ELEMENTS // block_c)), block_c, chunked, 4
+    per_thread = 8 if (chunked or backward) else 16
+    tile = TILE_ELEMENTS * per_thread // 16
+    block_p = max(1, min(MAX_BLOCK_P, tile // block_c))
+    return block_p, block_c, chunked, _warps_for(block_p * block_c, per_thread)
+
+
+def _dx_config(channels: int, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) of the grad_x kernel."""
+    block_c = min(triton.next_power_of_2(channels), INTERP_TILE_ELEMENTS if interp else DX_MAX_BLOCK_C)
+    tile, max_p = (INTERP_TILE_ELEMENTS, INTERP_MAX_BLOCK_P) if interp else (TILE_ELEMENTS, MAX_BLOCK_P)
+    block_p = max(1, min(max_p, tile // block_c))
+    return block_p, block_c, _warps_for(block_p * block_c)
+
+
+def _dw_config(channels: int, ksize: int, interp: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_C, BLOCK_K, num_warps) of the grad_weight kernel."""
+    block_k = _pad_taps(ksize)
+    block_c = min(triton.next_power_of_2(channels), 512 if interp else DW_MAX_BLOCK_C)
+    tile, max_p = (INTERP_TILE_ELEMENTS * 4, INTERP_MAX_BLOCK_P) if interp else (TILE_ELEMENTS, MAX_BLOCK_P)
+    block_p = max(1, min(max_p, tile // (block_c * block_k)))
+    return block_p, block_c, block_k, _warps_for(block_p * block_c * block_k)
+
+
+# ---- launchers --------------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def _check_inputs(x, weight, conv_bias, ln_weight, ln_bias) -> int:
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W); got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported by the Triton dwconv_ln kernels (float32/float16/bfloat16)")
+    channels = x.shape[1]
+    ksize = weight.shape[-1]
+    if weight.dim() != 4 or tuple(weight.shape) != (channels, 1, ksize, ksize):
+        raise ValueError(f"weight must be (C, 1, k, k) = ({channels}, 1, k, k); got {tuple(weight.shape)}")
+    if ksize not in SUPPORTED_KERNEL_SIZES:
+        raise ValueError(
+            f"kernel size {ksize} not supported by the Triton dwconv_ln kernels "
+            f"(supported: {', '.join(map(str, SUPPORTED_KERNEL_SIZES))})"
+        )
+    for name, t in (("weight", weight), ("conv_bias", conv_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is None:
+            continue
+        if t.dtype not in (x.dtype, torch.float32):
+            raise ValueError(f"{name} dtype {t.dtype} must be x's dtype ({x.dtype}) or float32")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+        if name != "weight" and tuple(t.shape) != (channels,):
+            raise ValueError(f"{name} must be ({channels},); got {tuple(t.shape)}")
+    _check_image_span("x", x)
+    return ksize
+
+
+def _check_image_span(name: str, t: torch.Tensor) -> None:
+    # offsets inside one image are int32 in the kernels (the batch offset is int64)
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+    if max(span, t[0].numel() if t.shape[0] else 0) >= 2**31:
+        raise ValueError(f"{name}: one image spans {span} >= 2**31 elements (int32 offsets inside an image)")
+
+
+def _tiles(height: int, width: int, block_h: int, block_w: int) -> tuple[int, int]:
+    tiles_w = triton.cdiv(width, block_w)
+    return tiles_w, triton.cdiv(height, block_h) * tiles_w
+
+
+def dwconv_ln_fwd(x, weight, conv_bias, ln_weight, ln_bias, eps: float):
+    """Triton backend of ``pykernels::dwconv_ln_fwd``: ``LayerNorm_C(dwconv_kxk(x) + conv_bias)``.
+
+    Args:
+        x: (B, C, H, W) float32 / float16 / bfloat16, any strides (NCHW or channels-last read in place).
+        weight: (C, 1, k, k), k in ``SUPPORTED_KERNEL_SIZES``; conv_bias, ln_weight, ln_bias: (C,) or None. Each
+            parameter in x's dtype or float32.
+        eps: LayerNorm epsilon.
+
+    Returns:
+        (out (B, H, W, C) contiguous in x's dtype, mean (B, H, W) float32, rstd (B, H, W) float32).
+    """
+    ksize = _check_inputs(x, weight, conv_bias, ln_weight, ln_bias)
+    batch, channels, height, width = x.shape
+    out = torch.empty((batch, height, width, channels), dtype=x.dtype, device=x.device)
+    mean = torch.empty((batch, height, width), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if out.numel() == 0:
+        return out, mean, rstd
+    weight = weight.contiguous()
+    interp = _interpreting(x)
+    block_p, block_c, chunked, num_warps = _fwd_config(channels, interp)
+    block_h, block_w = _pixel_tile(block_p, height, width, interp)
+    tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
+    _dwconv_ln_fwd_kernel[(batch * tiles_per_image,)](
+        out,
+        mean,
+        rstd,
+        x,
+        weight,
+        conv_bias if conv_bias is not None else weight,
+        ln_weight if ln_weight is not None else weight,
+        ln_bias if ln_bias is not None else weight,
+        channels,
+        height,
+        width,
+        ksize,
+        *x.stride(),
+        tiles_w,
+        tiles_per_image,
+        float(eps),
+        HAS_CONV_BIAS=conv_bias is not None,
+        HAS_LN_WEIGHT=ln_weight is not None,
+        HAS_LN_BIAS=ln_bias is not None,
+        CHUNKED=chunked,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+        maxnreg=MAXNREG,
+    )
+    return out, mean, rstd
+
+
+def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params):
+    """Triton backend of ``pykernels::dwconv_ln_bwd`` (recomputes the conv; saves nothing of size B*H*W*C).
+
+    Args:
+        grad_out: (B, H, W, C), any float dtype and strides. x, weight, conv_bias, ln_weight, ln_bias: as in
+            :func:`dwconv_ln_fwd` (conv_bias / ln_bias only for their presence and dtype). mean, rstd: (B, H, W)
+            float32 from the forward. need_grad_x / need_grad_params: which outputs to compute.
+
+    Returns:
+        (grad_x (x's shape, dtype and layout), grad_weight (C, 1, k, k), grad_conv_bias, grad_ln_weight, grad_ln_bias
+        (C,)), each parameter grad in its parameter's dtype; a (0,) tensor where not needed or the parameter is None.
+    """
+    ksize = _check_inputs(x, weight, conv_bias, ln_weight, ln_bias)
+    batch, channels, height, width = x.shape
+    if tuple(grad_out.shape) != (batch, height, width, channels):
+        raise ValueError(
+            f"grad_out must be (B, H, W, C) = {(batch, height, width, channels)}; got {tuple(grad_out.shape)}"
+        )
+    _check_image_span("grad_out", grad_out)
+    empty = x.new_empty((0,))
+    grad_x = torch.empty_like(x) if need_grad_x else empty
+    if not need_grad_params:
+        grads = [empty] * 4
+    else:
+        grads = [
+            torch.zeros_like(weight, memory_format=torch.contiguous_format),
+            *(torch.zeros_like(p) if p is not None else empty for p in (conv_bias, ln_weight, ln_bias)),
+        ]
+    if not (need_grad_x or need_grad_params) or x.numel() == 0:
+        if need_grad_x:
+            grad_x.zero_()
+        return (grad_x, *grads)
+    weight = weight.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    interp = _interpreting(x)
+    device = x.device
+
+    # 1. dy (fp32 workspace) and the per-tile partial sums of the LayerNorm / conv-bias grads
+    block_p, block_c, chunked, num_warps = _fwd_config(channels, interp, backward=True)
+    block_h, block_w = _pixel_tile(block_p, height, width, interp)
+    tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
+    num_tiles = batch * tiles_per_image
+    dy = torch.empty((batch, height, width, channels), dtype=torch.float32, device=device)
+    partial = torch.empty((num_tiles, 3, channels) if need_grad_params else (1,), dtype=torch.float32, device=device)
+    _dwconv_ln_bwd_dy_kernel[(num_tiles,)](
+        dy,
+        partial,
+        grad_out,
+        x,
+        weight,
+        conv_bias if conv_bias is not None else weight,
+        ln_weight if ln_weight is not None else weight,
+        mean,
+        rstd,
+        channels,
+        height,
+        width,
+        ksize,
+        *x.stride(),
+        grad_out.stride(0),
+        grad_out.stride(3),
+        grad_out.stride(1),
+        grad_out.stride(2),
+        tiles_w,
+        tiles_per_image,
+        HAS_CONV_BIAS=conv_bias is not None,
+        HAS_LN_WEIGHT=ln_weight is not None,
+        NEED_PARTIALS=need_grad_params,
+        CHUNKED=chunked,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+        BLOCK_C=block_c,
+        num_warps=num_warps,
+        maxnreg=MAXNREG,
+    )
+
+    # 2. grad_x: transposed depthwise conv of dy, in x's layout
+    if need_grad_x:
+        block_p, block_c, num_warps = _dx_config(channels, interp)
+        block_h, block_w = _pixel_tile(block_p, height, width, interp)
+        tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
+        channel_blocks = triton.cdiv(channels, block_c)
+        if channel_blocks > MAX_GRID_Y:
+            raise ValueError(f"{channels} channels need {channel_blocks} channel blocks > {MAX_GRID_Y}")
+        _dwconv_ln_bwd_dx_kernel[(batch * tiles_per_image, channel_blocks)](
+            grad_x,
+            dy,
+            weight,
+            channels,
+            height,
+            width,
+            ksize,
+            *grad_x.stride(),
+            tiles_w,
+            tiles_per_image,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+            maxnreg=MAXNREG,
+        )
+
+    if need_grad_params:
+        # 3. grad_weight: per-group partials over a shape-only partition, then an ordered torch sum
+        block_p, block_c, block_k, num_warps = _dw_config(channels, ksize, interp)
+        block_h, block_w = _pixel_tile(block_p, height, width, interp)
+        tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
+        num_tiles = batch * tiles_per_image
+        channel_blocks = triton.cdiv(channels, block_c)
+        if interp:
+            groups = min(num_tiles, INTERP_DW_GROUPS)
+        else:
+            groups = max(1, min(num_tiles, MAX_GRID_Y, triton.cdiv(DW_TARGET_PROGRAMS, ksize * channel_blocks)))
+        tiles_per_group = triton.cdiv(num_tiles, groups)
+        groups = triton.cdiv(num_tiles, tiles_per_group)
+        partial_w = torch.empty((groups, channels, ksize, ksize), dtype=torch.float32, device=device)
+        _dwconv_ln_bwd_dw_kernel[(groups, ksize, channel_blocks)](
+            partial_w,
+            dy,
+            x,
+            channels,
+            height,
+            width,
+            ksize,
+            *x.stride(),
+            tiles_w,
+            tiles_per_image,
+            num_tiles,
+            tiles_per_group,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+            BLOCK_C=block_c,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            maxnreg=MAXNREG,
+        )
+        grads[0] = partial_w.sum(0).view(channels, 1, ksize, ksize).to(weight.dtype)
+        sums = partial.sum(0)  # (3, C): g * xhat, g, dy
+        if conv_bias is not None:
+            grads[1] = sums[2].to(conv_bias.dtype)
+        if ln_weight is not None:
+            grads[2] = sums[0].to(ln_weight.dtype)
+        if ln_bias is not None:
+            grads[3] = sums[1].to(ln_bias.dtype)
+    return (grad_x, *grads)
+
+
+# ==== AOT_SPECS: read by the ahead-of-time gate (tests/gpu_check/aot.py); not used at run time =====================
+# One dict per specialisation the launchers above compile on CUDA (the GPU branches of _fwd_config, _dx_config,
+# _dw_config, _pixel_tile). Int args are specialised as the JIT does it: "a16" = a 56 x 56 map with C a multiple of
+# 16 (ConvNeXt stages), 16-byte aligned tensors; "odd" = a 13 x 13 map, C = 200 (or the class's odd C), x an offset
+# view; value 1 -> constexpr (the unit stride of the layout: stride_xw in NCHW, stride_xc in channels-last).
+
+
+def _aot_specs(full: bool = False) -> list[dict]:
+    import itertools
+
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    ptr = {f16: "*fp16", bf16: "*bf16", f32: "*fp32"}
+    # dtype mixes: (x / out / grad_out, parameters)
+    mixes = {"f16": (f16, f16), "bf16": (bf16, bf16), "f32": (f32, f32), "f16+f32": (f16, f32), "bf16+f32": (bf16, f32)}
+
+    def shape_ints(channels, layout, shape):
+        """(sig, pinned, divisible) of C, H, W and the x strides for a (B, C, H, W) tensor in ``layout``."""
+        side = 56 if shape == "a16" else 13
+        c = channels if shape == "a16" else (channels - 1 if channels > 16 else channels | 1)  # odd C: not /16
+        if layout == "cl":
+            strides = {"b": side * side * c, "c": 1, "h": side * c, "w": c}
+        else:
+            strides = {"b": c * side * side, "c": side * side, "h": side, "w": 1}
+        values = {"C": c, "H": side, "W": side, **{f"stride_x{k}": v for k, v in strides.items()}}
+        return values
+
+    def classify(values):
+        sig, pinned, div = {}, {}, []
+        for name, v in values.items():
+            if v == 1:
+                pinned[name] = 1
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0:
+                    div.append(name)
+        return sig, pinned, div
+
+    def tiles(block_p):
+        block_h, block_w = _pixel_tile(block_p, 56, 56, False)
+        return block_h, block_w
+
+    def grid_ints(values, block_h, block_w):
+        tiles_w = triton.cdiv(values["W"], block_w)
+        return {"tiles_w": tiles_w, "tiles_per_image": triton.cdiv(values["H"], block_h) * tiles_w}
+
+    def fwd_like(kernel, c_pad, mix, layout, shape, flags, need_partials=True):
+        x_dtype, p_dtype = mixes[mix]
+        block_p, block_c, chunked, num_warps = _fwd_config(c_pad, False, kernel is _dwconv_ln_bwd_dy_kernel)
+        block_h, block_w = tiles(block_p)
+        values = shape_ints(c_pad, layout, shape)
+        values.update(grid_ints(values, block_h, block_w))
+        if kernel is _dwconv_ln_bwd_dy_kernel:  # grad_out (B, H, W, C) contiguous
+            side, c = values["H"], values["C"]
+            values.update(stride_gb=side * side * c, stride_gc=1, stride_gh=side * c, stride_gw=c)
+        sig, pinned, div = classify(values)
+        has_cb, has_lw, has_lb = flags
+        weight = ptr[p_dtype]
+        sig["ksize"] = "i32"
+        const = {**pinned, "HAS_CONV_BIAS": has_cb, "HAS_LN_WEIGHT": has_lw, "CHUNKED": chunked}
+        const.update(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c)
+        sig.update(X=ptr[x_dtype], WEIGHT=weight, CONV_BIAS=weight, LN_WEIGHT=weight)
+        aligned = ["X", "WEIGHT", "CONV_BIAS", "LN_WEIGHT"] if shape == "a16" else ["WEIGHT", "CONV_BIAS", "LN_WEIGHT"]
+        if kernel is _dwconv_ln_fwd_kernel:
+            sig.update(OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32", LN_BIAS=weight, eps="fp32")
+            const["HAS_LN_BIAS"] = has_lb
+            aligned += ["OUT", "MEAN", "RSTD", "LN_BIAS"]
+            extra = f"-lb{has_lb:d}"
+        else:
+            sig.update(DY="*fp32", PARTIAL="*fp32", GRAD_OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32")
+            const["NEED_PARTIALS"] = need_partials
+            aligned += ["DY", "PARTIAL", "GRAD_OUT", "MEAN", "RSTD"]
+            extra = f"-partials{need_partials:d}"
+        mode = "chunked" if chunked else "single"
+        return {
+            "kernel": kernel,
+            "label": f"{mix}/{layout}-{shape}/cb{has_cb:d}-lw{has_lw:d}{extra}/{mode}-"
+            f"{block_h}x{block_w}xC{block_c}-w{num_warps}",
+            "signature": sig,
+            "constexprs": const,
+            "divisible_by_16": tuple(dict.fromkeys(aligned + div)),
+            "num_warps": num_warps,
+            "options": {"maxnreg": MAXNREG},
+        }
+
+    def dx(c_pad, mix, layout, shape):
+        x_dtype, p_dtype = mixes[mix]
+        block_p, block_c, num_warps = _dx_config(c_pad, False)
+        block_h, block_w = tiles(block_p)
+        values = shape_ints(c_pad, layout, shape)
+        values = {("stride_gx" + k[len("stride_x") :] if k.startswith("stride_x") else k): v for k, v in values.items()}
+        values.update(grid_ints(values, block_h, block_w))
+        sig, pinned, div = classify(values)
+        sig.update(GRAD_X=ptr[x_dtype], DY="*fp32", WEIGHT=ptr[p_dtype], ksize="i32")
+        return {
+            "kernel": _dwconv_ln_bwd_dx_kernel,
+            "label": f"{mix}/{layout}-{shape}/{block_h}x{block_w}xC{block_c}-w{num_warps}",
+            "signature": sig,
+            "constexprs": {**pinned, "BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": block_c},
+            "divisible_by_16": ("GRAD_X", "DY", "WEIGHT", *div),
+            "num_warps": num_warps,
+            "options": {"maxnreg": MAXNREG},
+        }
+
+    def dw(c_pad, mix, layout, shape, ksize):
+        x_dtype, _ = mixes[mix]
+        block_p, block_c, block_k, num_warps = _dw_config(c_pad, ksize, False)
+        block_h, block_w = tiles(block_p)
+        values = shape_ints(c_pad, layout, shape)
+        values.update(grid_ints(values, block_h, block_w))
+        values.update(num_tiles=8 * values["tiles_per_image"], tiles_per_group=values["tiles_per_image"] + 1)
+        sig, pinned, div = classify(values)
+        sig.update(PARTIAL_W="*fp32", DY="*fp32", X=ptr[x_dtype], ksize="i32")
+        aligned = ("PARTIAL_W", "DY", "X") if shape == "a16" else ("PARTIAL_W", "DY")
+        return {
+            "kernel": _dwconv_ln_bwd_dw_kernel,
+            "label": f"{mix}/{layout}-{shape}/{block_h}x{block_w}xK{block_k}xC{block_c}-w{num_warps}",
+            "signature": sig,
+            "constexprs": {
+                **pinned,
+                "BLOCK_H": block_h,
+                "BLOCK_W": block_w,
+                "BLOCK_C": block_c,
+                "BLOCK_K": block_k,
+            },
+            "divisible_by_16": (*aligned, *div),
+            "num_warps": num_warps,
+            "options": {"maxnreg": MAXNREG},
+        }
+
+    specs = []
+    all_on = (True, True, True)
+    none = (False, False, False)
+    c_classes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]  # 2048: the chunked path
+
+    def shape_of(c_pad):
+        return "a16" if c_pad >= 16 else "odd"  # C < 16 has no 16-divisible strides
+
+    if full:
+        # the whole product, for calibrating the tables (compile it with _aot_specs(full=True) and aot.check)
+        for kernel in (_dwconv_ln_fwd_kernel, _dwconv_ln_bwd_dy_kernel):
+            for c_pad, layout, mix in itertools.product(c_classes, ("cl", "nchw"), mixes):
+                specs.append(fwd_like(kernel, c_pad, mix, layout, shape_of(c_pad), all_on))
+            for c_pad, layout in itertools.product((256, 2048), ("cl", "nchw")):
+                specs.append(fwd_like(kernel, c_pad, "bf16+f32", layout, "odd", all_on))
+                specs.append(fwd_like(kernel, c_pad, "f32", layout, "odd", all_on))
+            specs.append(fwd_like(kernel, 128, "f16", "cl", "a16", none, need_partials=False))
+        for c_pad, layout, mix in itertools.product((4, 16, 32, 64, 128), ("cl", "nchw"), mixes):
+            specs.append(dx(c_pad, mix, layout, shape_of(c_pad)))
+        for c_pad, ksize, layout, mix in itertools.product((4, 32), (3, 5, 13), ("cl", "nchw"), mixes):
+            specs.append(dw(c_pad, mix, layout, shape_of(c_pad), ksize))
+        return specs
+
+    # The gate's set (CI time; 230 compiles of the full product take minutes): per kernel the register-heaviest
+    # specialisations of the full product (NCHW, fp32 or bf16 + fp32 parameters, odd shapes, the chunked path) and the
+    # typical ConvNeXt ones (channels-last, f16 / bf16). The kernel size is a runtime argument (one compile serves
+    # k = 3..13); only the grad_weight kernel's tap lanes (BLOCK_K = next_pow2(k): 4, 8, 16) are compiled in.
+    for kernel in (_dwconv_ln_fwd_kernel, _dwconv_ln_bwd_dy_kernel):
+        for c_pad in (4, 128, 1024, 2048):
+            specs.append(fwd_like(kernel, c_pad, "f16", "cl", shape_of(c_pad), all_on))
+        for c_pad in (64, 2048):
+            specs.append(fwd_like(kernel, c_pad, "f16", "nchw", "a16", all_on))
+        for c_pad in (256, 2048):
+            specs.append(fwd_like(kernel, c_pad, "bf16+f32", "nchw", "odd", all_on))
+        for c_pad in (128, 512):
+            specs.append(fwd_like(kernel, c_pad, "f32", "nchw", "a16", all_on))
+        specs.append(fwd_like(kernel, 1024, "bf16+f32", "cl", "a16", all_on))
+        specs.append(fwd_like(kernel, 128, "bf16", "cl", "a16", none, need_partials=False))
+    specs.append(dx(128, "f16", "cl", "a16"))
+    specs.append(dx(4, "f16", "nchw", "odd"))
+    specs.append(dx(128, "f32", "nchw", "odd"))
+    specs.append(dx(128, "bf16+f32", "nchw", "odd"))
+    specs.append(dw(32, "f16", "cl", "a16", 7))
+    specs.append(dw(32, "f16", "nchw", "a16", 3))
+    specs.append(dw(4, "f16", "cl", "odd", 5))
+    specs.append(dw(32, "f32", "nchw", "odd", 13))
+    specs.append(dw(32, "bf16", "nchw", "odd", 7))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

@@ -629,6 +629,10 @@ def test_module_state_dict_repr_and_forward():
         want = TF.layer_norm(module.conv_dw(x).permute(0, 2, 3, 1), (24,), module.norm.weight, module.norm.bias, 1e-5)
         torch.testing.assert_close(module(x), want)
         torch.testing.assert_close(module(x.contiguous(memory_format=torch.channels_last)), want)
+        # a conv weight with other strides (e.g. a loaded checkpoint's transposed storage): copied for the kernels
+        module.conv_dw.weight = torch.nn.Parameter(module.conv_dw.weight.transpose(2, 3).contiguous().transpose(2, 3))
+        assert not module.conv_dw.weight.is_contiguous()
+        torch.testing.assert_close(module(x), want)
 
 
 def _check_converted(new, front, x, out_layout, atol=1e-5):

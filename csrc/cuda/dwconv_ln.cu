@@ -47,6 +47,8 @@ constexpr int kThreads = 256;                   // threads per block, every kern
 constexpr int kChunk = 32;                      // CC: channels staged per chunk (fewer when C is smaller)
 constexpr int kMaxTileFwd = 16;                 // TW of the forward / dy kernels (halved until the smem fits)
 constexpr int kMaxTileConv = 32;                // TW of the grad_x / grad_w kernels
+constexpr int kPxFwd = 2;                       // pixels per thread in the conv of the forward / dy kernels
+constexpr int kPxConv = 4;                      // ... of the grad_x kernel
 constexpr int64_t kSmemBudget = 96 * 1024;      // dynamic shared memory per block we aim for (opt-in above 48 KB)
 constexpr int64_t kSmemDefault = 48 * 1024;     // above this a kernel needs cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr int64_t kSmemMax = 160 * 1024;        // hard limit (sm_80 allows 163 KB per block)
@@ -120,25 +122,46 @@ __device__ __forceinline__ void stage_weights(acc_t* __restrict__ wts, const acc
 }
 
 // Conv of the staged chunk for pixels [0, n_pix) of the tile and channels [0, cc) of the chunk (c < C only):
-// store(p, cl, sum) with the (i, j) terms summed row-major. channels_fast: consecutive threads take consecutive
-// channels (else consecutive pixels).
-template <typename acc_t, typename Store>
+// store(p, cl, sum) with the (i, j) terms summed row-major. Each thread computes kPx consecutive pixels of one channel
+// (tile_w is a multiple of kPx), sliding a window of kPx inputs along each row: about (2k + kPx) / kPx shared loads
+// per output and row instead of 2k. channels_fast: consecutive threads take consecutive channels (else consecutive
+// pixel groups).
+template <int kPx, typename acc_t, typename Store>
 __device__ __forceinline__ void conv_staged(const acc_t* __restrict__ tile, const acc_t* __restrict__ wts, int k,
                                             int tile_w, int cc, int n_pix, int c0, int channels, bool channels_fast,
                                             Store store) {
   const int row = tile_row(tile_w, k), kk = k * k;
-  const int n = cc * n_pix;
+  const int groups = (n_pix + kPx - 1) / kPx;
+  const int n = cc * groups;
   for (int m = threadIdx.x; m < n; m += blockDim.x) {
-    const int cl = channels_fast ? m % cc : m / n_pix;
-    const int p = channels_fast ? m / cc : m % n_pix;
+    const int cl = channels_fast ? m % cc : m / groups;
+    const int p0 = (channels_fast ? m / cc : m % groups) * kPx;
     if (c0 + cl >= channels) continue;
-    const acc_t* t = tile + cl * k * row + p;
+    const acc_t* t = tile + cl * k * row + p0;
     const acc_t* wv = wts + cl * kk;
-    acc_t sum = acc_t(0);
+    acc_t sum[kPx];
+#pragma unroll
+    for (int q = 0; q < kPx; ++q) sum[q] = acc_t(0);
     for (int i = 0; i < k; ++i) {
-      for (int j = 0; j < k; ++j) sum += t[i * row + j] * wv[i * k + j];
+      const acc_t* tr = t + i * row;  // columns p0 .. p0 + kPx + k - 2 of row i are staged (tile_w % kPx == 0)
+      acc_t window[kPx];
+#pragma unroll
+      for (int q = 0; q < kPx; ++q) window[q] = tr[q];
+      for (int j = 0; j < k; ++j) {
+        const acc_t wj = wv[i * k + j];
+#pragma unroll
+        for (int q = 0; q < kPx; ++q) sum[q] += window[q] * wj;
+        if (j + 1 < k) {
+#pragma unroll
+          for (int q = 0; q + 1 < kPx; ++q) window[q] = window[q + 1];
+          window[kPx - 1] = tr[j + kPx];
+        }
+      }
     }
-    store(p, cl, sum);
+#pragma unroll
+    for (int q = 0; q < kPx; ++q) {
+      if (p0 + q < n_pix) store(p0 + q, cl, sum[q]);
+    }
   }
 }
 
@@ -171,7 +194,7 @@ __device__ __forceinline__ void conv_into_stash(acc_t* __restrict__ y_s, acc_t* 
     stage_input(tile_s, x_b, src, c0, cc, tile.h, tile.w0, tile_w);
     stage_weights(w_s, weight, false, c0, cc, channels, src.k);
     __syncthreads();
-    conv_staged(tile_s, w_s, src.k, tile_w, cc, tile.n_pix, c0, channels, true, [&](int p, int cl, acc_t sum) {
+    conv_staged<kPxFwd>(tile_s, w_s, src.k, tile_w, cc, tile.n_pix, c0, channels, true, [&](int p, int cl, acc_t sum) {
       const int c = c0 + cl;
       y_s[p * channels + c] = conv_bias != nullptr ? sum + conv_bias[c] : sum;
     });
@@ -330,7 +353,7 @@ __global__ void dwconv_ln_bwd_input_kernel(T* __restrict__ grad_x, const acc_t* 
     stage_input(tile_s, dy_b, dy_src, c0, cc, tile.h, tile.w0, tile_w);
     stage_weights(w_s, weight, true, c0, cc, channels, k);
     __syncthreads();
-    conv_staged(tile_s, w_s, k, tile_w, cc, tile.n_pix, c0, channels, x_channels_last, [&](int p, int cl, acc_t sum) {
+    conv_staged<kPxConv>(tile_s, w_s, k, tile_w, cc, tile.n_pix, c0, channels, x_channels_last, [&](int p, int cl, acc_t sum) {
       gx[(c0 + cl) * x_stride_c + p * x_stride_w] = static_cast<T>(sum);
     });
   }
@@ -388,13 +411,15 @@ struct Plan {
   int64_t smem = 0;
 };
 
-// The widest tile (<= max_tile, <= W) whose shared memory smem_of(tile_w, cc) fits the budget (cc = min(32, C)).
+// The widest tile (a multiple of px, <= max_tile, <= W rounded up to px) whose shared memory smem_of(tile_w, cc)
+// fits the budget (cc = min(32, C)).
 template <typename SmemOf>
-Plan make_plan(const Geometry& geo, int max_tile, const SmemOf& smem_of, const char* op) {
+Plan make_plan(const Geometry& geo, int max_tile, int px, const SmemOf& smem_of, const char* op) {
+  auto round_up = [px](int64_t v) { return static_cast<int>((v + px - 1) / px * px); };
   Plan plan;
   plan.cc = static_cast<int>(std::min<int64_t>(kChunk, geo.channels));
-  plan.tile_w = static_cast<int>(std::min<int64_t>(max_tile, geo.width));
-  while (plan.tile_w > 1 && smem_of(plan.tile_w, plan.cc) > kSmemBudget) plan.tile_w = (plan.tile_w + 1) / 2;
+  plan.tile_w = std::min(max_tile, round_up(geo.width));
+  while (plan.tile_w > px && smem_of(plan.tile_w, plan.cc) > kSmemBudget) plan.tile_w = round_up(plan.tile_w / 2);
   plan.smem = smem_of(plan.tile_w, plan.cc);
   TORCH_CHECK(plan.smem <= kSmemMax, op, " (CUDA kernel): C = ", geo.channels, " channels need ", plan.smem,
               " bytes of shared memory per block (limit ", kSmemMax, "); use the cpp or triton backend");
@@ -464,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_fwd_cuda(const at::Tens
   const int64_t acc_size = compute == at::kDouble ? 8 : 4;
   const int64_t k = geo.kernel, channels = geo.channels;
   const Plan plan = make_plan(
-      geo, kMaxTileFwd,
+      geo, kMaxTileFwd, kPxFwd,
       [&](int tile_w, int cc) { return acc_size * (tile_w * channels + cc * k * tile_row(tile_w, k) + cc * k * k); },
       op);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -518,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
 
   // dy (+ partial sums of grad_conv_bias, grad_ln_weight, grad_ln_bias when the parameter grads are wanted)
   const Plan dy_plan = make_plan(
-      geo, kMaxTileFwd,
+      geo, kMaxTileFwd, kPxFwd,
       [&](int tile_w, int cc) {
         return acc_size * (tile_w * channels + cc * k * tile_row(tile_w, k) + cc * k * k + 4 * tile_w +
                            (need_grad_params ? 3 * channels : 0));
@@ -538,11 +563,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
                           static_cast<int>(k),
                           true};
   const Plan in_plan = make_plan(
-      geo, kMaxTileConv,
+      geo, kMaxTileConv, kPxConv,
       [&](int tile_w, int cc) { return acc_size * (cc * k * tile_row(tile_w, k) + cc * k * k); }, op);
   // grad_w
   const Plan w_plan = make_plan(
-      geo, kMaxTileConv,
+      geo, kMaxTileConv, 1,
       [&](int tile_w, int cc) { return acc_size * (cc * k * tile_row(tile_w, k) + tile_w * cc + cc * k * k); }, op);
   const int64_t w_chunks = ceil_div(channels, w_plan.cc);
   const int64_t w_groups = std::min<int64_t>({w_plan.tiles, std::max<int64_t>(1, kWeightBlocks / w_chunks), 65535});

@@ -1,0 +1,917 @@
+// Depthwise k x k convolution fused with LayerNorm over channels (ConvNeXt's block front; Liu et al. 2022, "A ConvNet
+// for the 2020s"): the CPU kernels of pykernels::dwconv_ln_fwd / dwconv_ln_bwd (contract in csrc/ops.cpp, argument
+// checks and output allocation in csrc/dwconv_ln_args.h).
+//
+//   forward:  y = dwconv_k(x) + conv_bias ; out[b, h, w, :] = (y - mean) * rstd * ln_weight + ln_bias   (over C)
+//   backward: y recomputed ; xhat = (y - mean) * rstd ; gw = grad_out * ln_weight ;
+//             dy = rstd * (gw - mean_c(gw) - xhat * mean_c(gw * xhat)) ;
+//             grad_x = conv_transpose(dy, weight) ; grad_weight = correlation(x, dy) ; grad_conv_bias = sum dy ;
+//             grad_ln_weight = sum grad_out * xhat ; grad_ln_bias = sum grad_out
+//
+// Work units are (image b, band of output rows). A unit walks its rows top to bottom with a ring of k input rows,
+// each converted once to the compute dtype in a padded channels-inner tile [W + k - 1 (+ pad)][Cp] (Cp = C rounded up
+// to 16): this reads NCHW (a small transpose per row) and channels-last x alike, float16 / bfloat16 / float32 /
+// float64, without any full-size copy. The conv of a row is register-blocked: for a vector of channels and a group
+// of P output pixels, the k weight vectors of a kernel row stay in registers while the P + k - 1 input columns of
+// that row stream by. The LayerNorm of each pixel then runs over the fp32 row in cache (two passes: mean, then the
+// centred variance), and the row is written out (B, H, W, C). The backward keeps a second ring, of dy rows: dy of
+// row h is computed from the recomputed y, grad_weight gathers dy(h) x x(h + i - r, . + j - r) from the x ring, and
+// grad_x of row h - r is the forward conv of the dy ring with the flipped kernel. No workspace of size B*H*W*C.
+//
+// Vector code is written with GCC vector extensions in always-inline templates, instantiated twice: for the
+// baseline ISA and, chosen at run time, for AVX2 (same operations, same order: identical results). -ffp-contract=off:
+// every multiply and add is rounded on its own. Determinism: the forward computes every pixel the same way in any
+// partition; the backward's parameter gradients are summed per unit row (fp32 vectors, then into float64 per task),
+// over a fixed split of the units into tasks (a function of the shape only), and the tasks are added in order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "dwconv_ln_args.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define PYKERNELS_X86 1
+#else
+#define PYKERNELS_X86 0
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace pykernels {
+namespace dwconv_ln {
+namespace {
+
+#define PK_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kChannelPad = 16;     // Cp: channels rounded up to a multiple of this (any vector width divides it)
+constexpr int64_t kTargetUnits = 32;    // bands are cut so that B * bands reaches about this many units
+constexpr int64_t kMaxTasks = 64;       // at most this many backward partial-sum buffers
+constexpr int64_t kTransposeBlock = 8;  // channels transposed together when reading / writing NCHW rows
+
+// ---- element conversion (one contiguous run) ----------------------------------------------------------------------
+inline uint32_t select_bits(bool condition, uint32_t if_true, uint32_t if_false) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(condition);
+  return (if_true & mask) | (if_false & ~mask);
+}
+
+// Bit-identical to c10::detail::fp16_ieee_{to,from}_fp32_value, written so that gcc vectorizes them.
+inline float half_to_float(uint16_t bits) {
+  const uint32_t w = static_cast<uint32_t>(bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = select_bits(two_w < (1u << 27), std::bit_cast<uint32_t>(denormalized),
+                                         std::bit_cast<uint32_t>(normalized));
+  return std::bit_cast<float>(sign | magnitude);
+}
+
+inline uint16_t float_to_half(float value) {
+  const uint32_t w = std::bit_cast<uint32_t>(value);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t exponent_bias = shl1_w & 0xFF000000u;
+  const uint32_t bias = select_bits(exponent_bias < 0x71000000u, 0x71000000u, exponent_bias);
+  float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
+  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = std::bit_cast<uint32_t>(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | select_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
+}
+
+// As c10::BFloat16's round to nearest even (NaN -> 0x7FC0).
+inline uint16_t float_to_bfloat16(float value) {
+  const uint32_t u = std::bit_cast<uint32_t>(value);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(select_bits((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, rounded));
+}
+
+void half_to_float_portable(const void* src, float* __restrict__ dst, int64_t n) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
+}
+void float_to_half_portable(const float* __restrict__ src, void* dst, int64_t n) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
+}
+
+#if PYKERNELS_X86
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const void* src, float* __restrict__ dst, int64_t n) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  }
+  for (; i < n; ++i) dst[i] = half_to_float(s[i]);
+}
+__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* __restrict__ src, void* dst, int64_t n) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) d[i] = float_to_half(src[i]);
+}
+#endif
+
+bool cpu_has(const char* feature_avx2_or_f16c) {
+#if PYKERNELS_X86
+  __builtin_cpu_init();
+  if (std::strcmp(feature_avx2_or_f16c, "f16c") == 0) {
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }
+  return __builtin_cpu_supports("avx2");
+#else
+  (void)feature_avx2_or_f16c;
+  return false;
+#endif
+}
+
+void bfloat16_to_float(const void* src, float* __restrict__ dst, int64_t n) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(s[i]) << 16);
+}
+void float_to_bfloat16_run(const float* __restrict__ src, void* dst, int64_t n) {
+  uint16_t* d = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = float_to_bfloat16(src[i]);
+}
+template <typename T>
+void copy_run_in(const void* src, T* __restrict__ dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(T));
+}
+template <typename T>
+void copy_run_out(const T* __restrict__ src, void* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(T));
+}
+
+// Converts contiguous runs of a tensor's dtype to / from the compute dtype acc_t.
+template <typename acc_t>
+struct Converter {
+  void (*in)(const void* src, acc_t* dst, int64_t n) = nullptr;
+  void (*out)(const acc_t* src, void* dst, int64_t n) = nullptr;
+  int64_t elem_size = 0;
+};
+
+template <typename acc_t>
+Converter<acc_t> converter_for(at::ScalarType t) {
+  Converter<acc_t> c;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    TORCH_CHECK(t == at::kDouble, "dwconv_ln (CPU): float64 compute needs float64 tensors, got ", t);
+    c.in = &copy_run_in<double>;
+    c.out = &copy_run_out<double>;
+    c.elem_size = 8;
+  } else {
+    switch (t) {
+      case at::kFloat:
+        c.in = &copy_run_in<float>;
+        c.out = &copy_run_out<float>;
+        c.elem_size = 4;
+        break;
+      case at::kHalf: {
+        static const bool f16c = cpu_has("f16c");
+#if PYKERNELS_X86
+        c.in = f16c ? &half_to_float_f16c : &half_to_float_portable;
+        c.out = f16c ? &float_to_half_f16c : &float_to_half_portable;
+#else
+        (void)f16c;
+        c.in = &half_to_float_portable;
+        c.out = &float_to_half_portable;
+#endif
+        c.elem_size = 2;
+        break;
+      }
+      case at::kBFloat16:
+        c.in = &bfloat16_to_float;
+        c.out = &float_to_bfloat16_run;
+        c.elem_size = 2;
+        break;
+      default:
+        TORCH_CHECK(false, "dwconv_ln (CPU): unexpected dtype ", t);
+    }
+  }
+  return c;
+}
+
+inline const char* byte_ptr(const void* p, int64_t elems, int64_t elem_size) {
+  return static_cast<const char*>(p) + elems * elem_size;
+}
+inline char* byte_ptr(void* p, int64_t elems, int64_t elem_size) { return static_cast<char*>(p) + elems * elem_size; }
+
+// ---- problem description -----------------------------------------------------------------------------------------
+template <typename acc_t>
+struct Problem {
+  Geometry geo;
+  int64_t cp = 0;          // channel stride of every scratch tile (C rounded up to kChannelPad)
+  int64_t bands = 1;       // row bands per image
+  int64_t units = 0;       // B * bands
+  float eps = 0;
+  double eps_d = 0;
+  Converter<acc_t> x_io;   // x and grad_x
+  Converter<acc_t> out_io; // out / grad_out
+  const void* x = nullptr;
+  // Parameter tables in acc_t, [K*K][cp] and [cp], zero in the padding channels.
+  std::vector<acc_t> weight;       // weight[(i*K + j)*cp + c]
+  std::vector<acc_t> weight_flip;  // weight[K-1-i][K-1-j] (backward: grad_x is the conv of dy with it)
+  std::vector<acc_t> conv_bias;    // 0 when absent
+  std::vector<acc_t> ln_weight;    // 1 when absent (0 in the padding channels)
+  std::vector<acc_t> ln_bias;      // 0 when absent
+  std::vector<acc_t> mask;         // 1 for c < C, 0 in the padding channels
+
+  int64_t band_begin(int64_t band) const { return geo.height * band / bands; }
+};
+
+template <typename acc_t>
+void fill_problem(Problem<acc_t>& pb, const Geometry& geo, const at::Tensor& x, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& ln_weight,
+                  const c10::optional<at::Tensor>& ln_bias, double eps, at::ScalarType io_type) {
+  pb.geo = geo;
+  const int64_t C = geo.channels, K = geo.kernel, KK = K * K;
+  pb.cp = (C + kChannelPad - 1) / kChannelPad * kChannelPad;
+  // Bands: a function of the shape only (the backward's reduction order depends on it). At least K rows per band
+  // keeps the halo (rows recomputed by two bands) small.
+  const int64_t want = (kTargetUnits + geo.batch - 1) / std::max<int64_t>(1, geo.batch);
+  pb.bands = std::max<int64_t>(1, std::min(want, geo.height / std::max<int64_t>(K, 4)));
+  pb.units = geo.batch * pb.bands;
+  pb.eps = static_cast<float>(eps);
+  pb.eps_d = eps;
+  pb.x_io = converter_for<acc_t>(x.scalar_type());
+  pb.out_io = converter_for<acc_t>(io_type);
+  pb.x = x.const_data_ptr();
+
+  const at::ScalarType acc_type = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const at::Tensor w = weight.reshape({C, KK}).to(acc_type).contiguous();
+  const acc_t* wp = w.const_data_ptr<acc_t>();
+  pb.weight.assign(KK * pb.cp, acc_t(0));
+  pb.weight_flip.assign(KK * pb.cp, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < KK; ++t) {
+      pb.weight[t * pb.cp + c] = wp[c * KK + t];
+      pb.weight_flip[(KK - 1 - t) * pb.cp + c] = wp[c * KK + t];
+    }
+  }
+  auto vec_param = [&](const c10::optional<at::Tensor>& p, acc_t absent) {
+    std::vector<acc_t> v(pb.cp, acc_t(0));
+    if (p.has_value()) {
+      const at::Tensor t = p->to(acc_type).contiguous();
+      std::copy(t.const_data_ptr<acc_t>(), t.const_data_ptr<acc_t>() + C, v.begin());
+    } else {
+      std::fill(v.begin(), v.begin() + C, absent);
+    }
+    return v;
+  };
+  pb.conv_bias = vec_param(conv_bias, acc_t(0));
+  pb.ln_weight = vec_param(ln_weight, acc_t(1));
+  pb.ln_bias = vec_param(ln_bias, acc_t(0));
+  pb.mask.assign(pb.cp, acc_t(0));
+  std::fill(pb.mask.begin(), pb.mask.begin() + C, acc_t(1));
+}
+
+// ---- row I/O -----------------------------------------------------------------------------------------------------
+// dst[w * ds + k] = src[k * ss + w] for k < nk, w < nw. 8 x 8 float blocks go through registers (unpack / shuffle /
+// 128-bit permute: 24 shuffles per 64 elements), the rest element by element.
+typedef float v8sf __attribute__((vector_size(32)));
+typedef int v8si __attribute__((vector_size(32)));
+
+PK_INLINE void transpose8x8(const float* __restrict__ src, int64_t ss, float* __restrict__ dst, int64_t ds) {
+  v8sf r[8], t[8], u[8];
+  for (int k = 0; k < 8; ++k) std::memcpy(&r[k], src + k * ss, 32);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = __builtin_shuffle(r[k], r[k + 1], v8si{0, 8, 1, 9, 4, 12, 5, 13});
+    t[k + 1] = __builtin_shuffle(r[k], r[k + 1], v8si{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = __builtin_shuffle(t[k], t[k + 2], v8si{0, 1, 8, 9, 4, 5, 12, 13});
+    u[k + 1] = __builtin_shuffle(t[k], t[k + 2], v8si{2, 3, 10, 11, 6, 7, 14, 15});
+    u[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], v8si{0, 1, 8, 9, 4, 5, 12, 13});
+    u[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], v8si{2, 3, 10, 11, 6, 7, 14, 15});
+  }
+  // u[q] holds columns q (low half) and q + 4 (high half) of rows 0..3; u[q + 4] the same of rows 4..7.
+  for (int q = 0; q < 4; ++q) {
+    const v8sf lo = __builtin_shuffle(u[q], u[q + 4], v8si{0, 1, 2, 3, 8, 9, 10, 11});
+    const v8sf hi = __builtin_shuffle(u[q], u[q + 4], v8si{4, 5, 6, 7, 12, 13, 14, 15});
+    std::memcpy(dst + q * ds, &lo, 32);
+    std::memcpy(dst + (q + 4) * ds, &hi, 32);
+  }
+}
+
+template <typename acc_t>
+PK_INLINE void transpose(const acc_t* __restrict__ src, int64_t ss, acc_t* __restrict__ dst, int64_t ds, int64_t nk,
+                         int64_t nw) {
+  int64_t k0 = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; k0 + 8 <= nk; k0 += 8) {
+      int64_t w0 = 0;
+      for (; w0 + 8 <= nw; w0 += 8) transpose8x8(src + k0 * ss + w0, ss, dst + w0 * ds + k0, ds);
+      for (; w0 < nw; ++w0) {
+        for (int64_t k = k0; k < k0 + 8; ++k) dst[w0 * ds + k] = src[k * ss + w0];
+      }
+    }
+  }
+  for (; k0 < nk; k0 += kTransposeBlock) {
+    const int64_t n = std::min(kTransposeBlock, nk - k0);
+    for (int64_t w = 0; w < nw; ++w) {
+      for (int64_t k = k0; k < k0 + n; ++k) dst[w * ds + k] = src[k * ss + w];
+    }
+  }
+}
+
+// Reads x[b, :, h, :] into dst[(w + pad) * cp + c] (w < W, c < C; nothing else is written).
+template <typename acc_t>
+PK_INLINE void load_x_row(const Problem<acc_t>& pb, int64_t b, int64_t h, acc_t* __restrict__ dst,
+                          acc_t* __restrict__ tmp) {
+  const Geometry& g = pb.geo;
+  const int64_t C = g.channels, W = g.width, cp = pb.cp, es = pb.x_io.elem_size;
+  const void* base = byte_ptr(pb.x, b * g.x_stride_b + h * g.x_stride_h, es);
+  acc_t* row = dst + g.pad * cp;
+  if (g.channels_last) {
+    for (int64_t w = 0; w < W; ++w) pb.x_io.in(byte_ptr(base, w * C, es), row + w * cp, C);
+    return;
+  }
+  if (es == int64_t(sizeof(acc_t))) {  // x is in the compute dtype: transpose straight from x
+    transpose(static_cast<const acc_t*>(base), g.x_stride_c, row, cp, C, W);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
+    const int64_t nc = std::min(kTransposeBlock, C - c0);
+    for (int64_t cc = 0; cc < nc; ++cc) pb.x_io.in(byte_ptr(base, (c0 + cc) * g.x_stride_c, es), tmp + cc * W, W);
+    transpose(tmp, W, row + c0, cp, nc, W);
+  }
+}
+
+// Writes src[w * cp + c] (w < W, c < C) to grad_x[b, :, h, :] (x's layout and dtype).
+template <typename acc_t>
+PK_INLINE void store_x_row(const Problem<acc_t>& pb, void* grad_x, int64_t b, int64_t h, const acc_t* __restrict__ src,
+                           acc_t* __restrict__ tmp) {
+  const Geometry& g = pb.geo;
+  const int64_t C = g.channels, W = g.width, cp = pb.cp, es = pb.x_io.elem_size;
+  void* base = byte_ptr(grad_x, b * g.x_stride_b + h * g.x_stride_h, es);
+  if (g.channels_last) {
+    for (int64_t w = 0; w < W; ++w) pb.x_io.out(src + w * cp, byte_ptr(base, w * C, es), C);
+    return;
+  }
+  if (es == int64_t(sizeof(acc_t))) {
+    transpose(src, cp, static_cast<acc_t*>(base), g.x_stride_c, W, C);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kTransposeBlock) {
+    const int64_t nc = std::min(kTransposeBlock, C - c0);
+    transpose(src + c0, cp, tmp, W, W, nc);
+    for (int64_t cc = 0; cc < nc; ++cc) pb.x_io.out(tmp + cc * W, byte_ptr(base, (c0 + cc) * g.x_stride_c, es), W);
+  }
+}
+
+// ---- vector kernels (always inlined into the per-ISA entry points) -----------------------------------------------
+// VW: vector width in bytes (32: AVX2 or the baseline ISA, 64: AVX-512). Channel c is lane c % L of a vector, so
+// per-channel arithmetic is the same at any width. Reductions over channels use a logical 16-lane accumulator
+// (16 / L vectors) summed in a fixed tree, so they too give the same bits at any width.
+template <typename acc_t, int VW>
+struct VecOf;
+template <>
+struct VecOf<float, 32> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double, 32> {
+  typedef double type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<float, 64> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double, 64> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename acc_t, int VW>
+struct VT {
+  using V = typename VecOf<acc_t, VW>::type;
+  static constexpr int64_t L = VW / sizeof(acc_t);  // lanes
+  static constexpr int64_t NV = kChannelPad / L;    // vectors per 16-channel group
+
+  static PK_INLINE V load(const acc_t* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static PK_INLINE void store(acc_t* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  static PK_INLINE V splat(acc_t s) {
+    V v;
+    for (int64_t l = 0; l < L; ++l) v[l] = s;
+    return v;
+  }
+  // Sum of a logical 16-lane accumulator held as NV vectors: tree over 16 lanes (l + 8, l + 4, l + 2, l + 1).
+  static PK_INLINE acc_t sum16(const V* acc) {
+    V part[NV];
+    for (int64_t k = 0; k < NV; ++k) part[k] = acc[k];
+    for (int64_t width = NV / 2; width > 0; width /= 2) {
+      for (int64_t k = 0; k < width; ++k) part[k] = part[k] + part[k + width];
+    }
+    acc_t lanes[L];
+    std::memcpy(lanes, &part[0], sizeof(lanes));
+    for (int64_t width = L / 2; width > 0; width /= 2) {
+      for (int64_t l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
+    }
+    return lanes[0];
+  }
+};
+
+// Output pixels per register block: 7 independent accumulator chains hide the add latency, 7 + K vector registers
+// (the weights of a kernel row stay in registers up to K = 7 with AVX2), and 7 divides every ConvNeXt stage width.
+constexpr int kPixelBlock = 7;
+
+// out[w * cp + c] = sum_{i, j} rows[i][(w + j) * cp + c] * weight[(i * K + j) * cp + c] + bias[c] for w < wr (a
+// multiple of kPixelBlock), c < cp; rows[i] == nullptr is a zero row. Terms are added in (i, j) row-major order, then
+// the bias.
+template <int K, typename acc_t, int VW>
+PK_INLINE void conv_row(const acc_t* const* rows, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                        acc_t* __restrict__ out, int64_t wr, int64_t cp) {
+  using T = VT<acc_t, VW>;
+  using V = typename T::V;
+  constexpr int P = kPixelBlock;
+  for (int64_t w0 = 0; w0 < wr; w0 += P) {
+    for (int64_t c0 = 0; c0 < cp; c0 += T::L) {
+      V acc[P];
+      for (int p = 0; p < P; ++p) acc[p] = T::splat(0);
+      for (int i = 0; i < K; ++i) {
+        const acc_t* row = rows[i];
+        if (row == nullptr) continue;
+        V wv[K];
+        for (int j = 0; j < K; ++j) wv[j] = T::load(weight + (i * K + j) * cp + c0);
+        const acc_t* xr = row + w0 * cp + c0;
+#pragma GCC unroll 32
+        for (int t = 0; t < P + K - 1; ++t) {
+          const V xv = T::load(xr + t * cp);
+#pragma GCC unroll 16
+          for (int p = 0; p < P; ++p) {
+            const int j = t - p;
+            if (j >= 0 && j < K) acc[p] = acc[p] + xv * wv[j];
+          }
+        }
+      }
+      const V bv = T::load(bias + c0);
+      for (int p = 0; p < P; ++p) T::store(out + (w0 + p) * cp + c0, acc[p] + bv);
+    }
+  }
+}
+
+// LayerNorm of one pixel y[0, cp) in place (the padding channels of y are 0 on entry); writes mean and rstd. Mean
+// first, then the variance of the centred values.
+template <typename acc_t, int VW>
+PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, const Problem<acc_t>& pb, acc_t eps, acc_t& mean_out,
+                                acc_t& rstd_out) {
+  using T = VT<acc_t, VW>;
+  using V = typename T::V;
+  const int64_t cp = pb.cp;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(pb.geo.channels);
+  V s[T::NV];
+  for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
+  for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
+    for (int64_t k = 0; k < T::NV; ++k) s[k] = s[k] + T::load(y + c0 + k * T::L);
+  }
+  const acc_t mean = T::sum16(s) * inv_c;
+  const V mv = T::splat(mean);
+  const acc_t* mask = pb.mask.data();
+  for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
+  for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
+    for (int64_t k = 0; k < T::NV; ++k) {
+      const int64_t c = c0 + k * T::L;
+      const V d = (T::load(y + c) - mv) * T::load(mask + c);
+      s[k] = s[k] + d * d;
+    }
+  }
+  const acc_t var = T::sum16(s) * inv_c;
+  const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+  const V rv = T::splat(rstd);
+  const acc_t* lw = pb.ln_weight.data();
+  const acc_t* lb = pb.ln_bias.data();
+  for (int64_t c = 0; c < cp; c += T::L) {
+    T::store(y + c, ((T::load(y + c) - mv) * rv) * T::load(lw + c) + T::load(lb + c));
+  }
+  mean_out = mean;
+  rstd_out = rstd;
+}
+
+template <typename acc_t>
+acc_t eps_of(const Problem<acc_t>& pb) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return pb.eps_d;
+  } else {
+    return pb.eps;
+  }
+}
+
+// Scratch of one worker (reused across its units).
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> x_ring;    // K rows of [wpad][cp]
+  std::vector<acc_t> dy_ring;   // K rows of [wpad][cp] (backward with grad_x)
+  std::vector<acc_t> y;         // [wr][cp]
+  std::vector<acc_t> g;         // [W][cp] grad_out row (backward)
+  std::vector<acc_t> tmp;       // transpose staging, kTransposeBlock * W
+  std::vector<acc_t> zeros;     // cp zeros (the bias of the grad_x conv)
+  std::vector<acc_t> row_sums;  // (K*K + 3) * cp: per-row parameter-gradient sums (backward)
+};
+
+struct Dims {
+  int64_t W, wr, wpad, cp, row_elems;
+  Dims(const Geometry& geo, int64_t channel_pad_stride) {
+    W = geo.width;
+    wr = (W + kPixelBlock - 1) / kPixelBlock * kPixelBlock;
+    wpad = wr + geo.kernel - 1;
+    cp = channel_pad_stride;
+    row_elems = wpad * cp;
+  }
+};
+
+// ---- ISA selection -----------------------------------------------------------------------------------------------
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The widest the CPU supports; PYKERNELS_CPU_ISA=baseline|avx2|avx512 caps it (tests compare the paths).
+Isa pick_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#if PYKERNELS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2")) best = Isa::kAvx512;
+#endif
+    const char* cap = std::getenv("PYKERNELS_CPU_ISA");
+    if (cap != nullptr) {
+      if (std::strcmp(cap, "baseline") == 0) best = Isa::kBaseline;
+      if (std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+// ---- forward -----------------------------------------------------------------------------------------------------
+template <int K, typename acc_t, int VW>
+PK_INLINE void fwd_unit_impl(const Problem<acc_t>& pb, int64_t unit, Scratch<acc_t>& s, void* out, acc_t* mean,
+                             acc_t* rstd) {
+  const Geometry& g = pb.geo;
+  const Dims d(g, pb.cp);
+  const int64_t H = g.height, W = g.width, C = g.channels, r = K / 2;
+  const int64_t b = unit / pb.bands, band = unit % pb.bands;
+  const int64_t h0 = pb.band_begin(band), h1 = pb.band_begin(band + 1);
+  if (h0 >= h1) return;
+  std::fill(s.x_ring.begin(), s.x_ring.end(), acc_t(0));
+  auto ring_row = [&](int64_t h) { return s.x_ring.data() + (h % K) * d.row_elems; };
+  for (int64_t h = std::max<int64_t>(0, h0 - r); h < std::min(H, h0 + r); ++h) {
+    load_x_row(pb, b, h, ring_row(h), s.tmp.data());
+  }
+  const acc_t eps = eps_of(pb);
+  const int64_t oes = pb.out_io.elem_size;
+  for (int64_t h = h0; h < h1; ++h) {
+    if (h + r < H) load_x_row(pb, b, h + r, ring_row(h + r), s.tmp.data());
+    const acc_t* rows[K];
+    for (int i = 0; i < K; ++i) {
+      const int64_t hi = h + i - r;
+      rows[i] = (hi >= 0 && hi < H) ? ring_row(hi) : nullptr;
+    }
+    conv_row<K, acc_t, VW>(rows, pb.weight.data(), pb.conv_bias.data(), s.y.data(), d.wr, d.cp);
+    const int64_t pix0 = (b * H + h) * W;
+    for (int64_t w = 0; w < W; ++w) {
+      acc_t* yp = s.y.data() + w * d.cp;
+      layer_norm_pixel<acc_t, VW>(yp, pb, eps, mean[pix0 + w], rstd[pix0 + w]);
+      pb.out_io.out(yp, byte_ptr(out, (pix0 + w) * C, oes), C);
+    }
+  }
+}
+
+template <int K, typename acc_t>
+void fwd_unit_baseline(const Problem<acc_t>& pb, int64_t unit, Scratch<acc_t>& s, void* out, acc_t* mean,
+                       acc_t* rstd) {
+  fwd_unit_impl<K, acc_t, 32>(pb, unit, s, out, mean, rstd);
+}
+
+#if PYKERNELS_X86
+template <int K, typename acc_t>
+__attribute__((target("avx2"))) void fwd_unit_avx2(const Problem<acc_t>& pb, int64_t unit, Scratch<acc_t>& s,
+                                                   void* out, acc_t* mean, acc_t* rstd) {
+  fwd_unit_impl<K, acc_t, 32>(pb, unit, s, out, mean, rstd);
+}
+template <int K, typename acc_t>
+__attribute__((target("avx2,avx512f"))) void fwd_unit_avx512(const Problem<acc_t>& pb, int64_t unit,
+                                                             Scratch<acc_t>& s, void* out, acc_t* mean, acc_t* rstd) {
+  fwd_unit_impl<K, acc_t, 64>(pb, unit, s, out, mean, rstd);
+}
+#endif
+
+template <int K, typename acc_t>
+void fwd_run(const Problem<acc_t>& pb, void* out, acc_t* mean, acc_t* rstd) {
+  auto unit_fn = &fwd_unit_baseline<K, acc_t>;
+#if PYKERNELS_X86
+  if (pick_isa() == Isa::kAvx2) unit_fn = &fwd_unit_avx2<K, acc_t>;
+  if (pick_isa() == Isa::kAvx512) unit_fn = &fwd_unit_avx512<K, acc_t>;
+#endif
+  const Dims d(pb.geo, pb.cp);
+  at::parallel_for(0, pb.units, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s;
+    s.x_ring.resize(K * d.row_elems);
+    s.y.assign(d.wr * d.cp, acc_t(0));
+    s.tmp.resize(kTransposeBlock * d.W);
+    for (int64_t unit = begin; unit < end; ++unit) unit_fn(pb, unit, s, out, mean, rstd);
+  });
+}
+
+// ---- backward ----------------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct BwdArgs {
+  const void* grad_out = nullptr;
+  const acc_t* mean = nullptr;
+  const acc_t* rstd = nullptr;
+  void* grad_x = nullptr;  // null when not needed
+  bool params = false;     // parameter gradients needed
+};
+
+// Adds this unit's parameter-gradient sums to `partial` (float64): [K*K][cp] grad_weight, then grad_conv_bias,
+// grad_ln_weight, grad_ln_bias ([cp] each); writes grad_x rows of the band.
+template <int K, typename acc_t, int VW>
+PK_INLINE void bwd_unit_impl(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a, int64_t unit, Scratch<acc_t>& s,
+                             double* __restrict__ partial) {
+  using T = VT<acc_t, VW>;
+  using V = typename T::V;
+  constexpr int64_t L = T::L;
+  constexpr int64_t KK = K * K;
+  const Geometry& g = pb.geo;
+  const Dims d(g, pb.cp);
+  const int64_t H = g.height, W = g.width, C = g.channels, r = K / 2, cp = d.cp;
+  const int64_t b = unit / pb.bands, band = unit % pb.bands;
+  const int64_t h0 = pb.band_begin(band), h1 = pb.band_begin(band + 1);
+  if (h0 >= h1) return;
+  const bool need_dx = a.grad_x != nullptr;
+  // dy rows computed: the band, plus r rows of halo on each side when grad_x is needed.
+  const int64_t d0 = need_dx ? std::max<int64_t>(0, h0 - r) : h0;
+  const int64_t d1 = need_dx ? std::min(H, h1 + r) : h1;
+  std::fill(s.x_ring.begin(), s.x_ring.end(), acc_t(0));
+  if (need_dx) std::fill(s.dy_ring.begin(), s.dy_ring.end(), acc_t(0));
+  auto x_row = [&](int64_t h) { return s.x_ring.data() + (h % K) * d.row_elems; };
+  auto dy_row = [&](int64_t h) { return s.dy_ring.data() + (h % K) * d.row_elems; };
+  for (int64_t h = std::max<int64_t>(0, d0 - r); h < std::min(H, d0 + r); ++h) {
+    load_x_row(pb, b, h, x_row(h), s.tmp.data());
+  }
+  const int64_t oes = pb.out_io.elem_size;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  const acc_t* lw = pb.ln_weight.data();
+  const acc_t* mask = pb.mask.data();
+  acc_t* rs_w = s.row_sums.data();  // [KK][cp]
+  acc_t* rs_cb = rs_w + KK * cp;    // [cp]
+  acc_t* rs_lw = rs_cb + cp;        // [cp]
+  acc_t* rs_lb = rs_lw + cp;        // [cp]
+  auto emit_grad_x = [&](int64_t hx) {
+    const acc_t* rows[K];
+    for (int i = 0; i < K; ++i) {
+      const int64_t hi = hx + i - r;
+      rows[i] = (hi >= 0 && hi < H) ? dy_row(hi) : nullptr;
+    }
+    // s.y is free here (dy of its row is in the ring).
+    conv_row<K, acc_t, VW>(rows, pb.weight_flip.data(), s.zeros.data(), s.y.data(), d.wr, cp);
+    store_x_row(pb, a.grad_x, b, hx, s.y.data(), s.tmp.data());
+  };
+  for (int64_t h = d0; h < d1; ++h) {
+    if (h + r < H) load_x_row(pb, b, h + r, x_row(h + r), s.tmp.data());
+    const acc_t* rows[K];
+    for (int i = 0; i < K; ++i) {
+      const int64_t hi = h + i - r;
+      rows[i] = (hi >= 0 && hi < H) ? x_row(hi) : nullptr;
+    }
+    conv_row<K, acc_t, VW>(rows, pb.weight.data(), pb.conv_bias.data(), s.y.data(), d.wr, cp);
+    const int64_t pix0 = (b * H + h) * W;
+    for (int64_t w = 0; w < W; ++w) {
+      pb.out_io.in(byte_ptr(a.grad_out, (pix0 + w) * C, oes), s.g.data() + w * cp, C);
+    }
+    const bool sums = a.params && h >= h0 && h < h1;
+    if (sums) std::fill(s.row_sums.begin() + KK * cp, s.row_sums.end(), acc_t(0));
+    acc_t* dyr = need_dx ? dy_row(h) + r * cp : s.y.data();  // dy of pixel w at dyr + w * cp
+    for (int64_t w = 0; w < W; ++w) {
+      const V mv = T::splat(a.mean[pix0 + w]), rv = T::splat(a.rstd[pix0 + w]);
+      const acc_t* yp = s.y.data() + w * cp;
+      const acc_t* gp = s.g.data() + w * cp;
+      V sum_gw[T::NV], sum_gwx[T::NV];
+      for (int64_t k = 0; k < T::NV; ++k) sum_gw[k] = sum_gwx[k] = T::splat(0);
+      for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
+        for (int64_t k = 0; k < T::NV; ++k) {
+          const int64_t c = c0 + k * L;
+          const V xhat = (T::load(yp + c) - mv) * rv;
+          const V gw = T::load(gp + c) * T::load(lw + c);
+          sum_gw[k] = sum_gw[k] + gw;
+          sum_gwx[k] = sum_gwx[k] + gw * xhat;
+        }
+      }
+      const V av = T::splat(T::sum16(sum_gw) * inv_c);
+      const V m2 = T::splat(T::sum16(sum_gwx) * inv_c);
+      acc_t* dp = dyr + w * cp;
+      for (int64_t c = 0; c < cp; c += L) {
+        const V xhat = (T::load(yp + c) - mv) * rv;
+        const V gv = T::load(gp + c);
+        const V gw = gv * T::load(lw + c);
+        const V dy = (rv * ((gw - av) - xhat * m2)) * T::load(mask + c);
+        if (sums) {
+          T::store(rs_cb + c, T::load(rs_cb + c) + dy);
+          T::store(rs_lw + c, T::load(rs_lw + c) + gv * xhat);
+          T::store(rs_lb + c, T::load(rs_lb + c) + gv);
+        }
+        T::store(dp + c, dy);  // over y[w] when !need_dx: y[w] is not read again
+      }
+    }
+    if (sums) {
+      // grad_weight[i][j] += sum_w dy[w] * x(h + i - r)[w + j - r]  (x rows are padded: column w + j).
+      for (int i = 0; i < K; ++i) {
+        const acc_t* xr = rows[i];
+        if (xr == nullptr) {
+          std::fill(rs_w + i * K * cp, rs_w + (i + 1) * K * cp, acc_t(0));
+          continue;
+        }
+        for (int64_t c0 = 0; c0 < cp; c0 += L) {
+          V acc[K];
+          for (int j = 0; j < K; ++j) acc[j] = T::splat(0);
+          for (int64_t w = 0; w < W; ++w) {
+            const V dv = T::load(dyr + w * cp + c0);
+            const acc_t* xp = xr + w * cp + c0;
+#pragma GCC unroll 16
+            for (int j = 0; j < K; ++j) acc[j] = acc[j] + dv * T::load(xp + j * cp);
+          }
+          for (int j = 0; j < K; ++j) T::store(rs_w + (i * K + j) * cp + c0, acc[j]);
+        }
+      }
+      const int64_t total = (KK + 3) * cp;
+      const acc_t* rs = s.row_sums.data();
+      for (int64_t t = 0; t < total; ++t) partial[t] += static_cast<double>(rs[t]);
+    }
+    if (need_dx) {
+      const int64_t hx = h - r;
+      if (hx >= h0 && hx < h1) emit_grad_x(hx);
+    }
+  }
+  if (need_dx) {
+    for (int64_t hx = std::max(h0, d1 - r); hx < h1; ++hx) emit_grad_x(hx);
+  }
+}
+
+template <int K, typename acc_t>
+void bwd_unit_baseline(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a, int64_t unit, Scratch<acc_t>& s,
+                       double* partial) {
+  bwd_unit_impl<K, acc_t, 32>(pb, a, unit, s, partial);
+}
+
+#if PYKERNELS_X86
+template <int K, typename acc_t>
+__attribute__((target("avx2"))) void bwd_unit_avx2(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a, int64_t unit,
+                                                   Scratch<acc_t>& s, double* partial) {
+  bwd_unit_impl<K, acc_t, 32>(pb, a, unit, s, partial);
+}
+template <int K, typename acc_t>
+__attribute__((target("avx2,avx512f"))) void bwd_unit_avx512(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a,
+                                                             int64_t unit, Scratch<acc_t>& s, double* partial) {
+  bwd_unit_impl<K, acc_t, 64>(pb, a, unit, s, partial);
+}
+#endif
+
+// Returns the task partial sums added in task order: (K*K + 3) * cp float64 values (see bwd_unit_impl).
+template <int K, typename acc_t>
+std::vector<double> bwd_run(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a) {
+  auto unit_fn = &bwd_unit_baseline<K, acc_t>;
+#if PYKERNELS_X86
+  if (pick_isa() == Isa::kAvx2) unit_fn = &bwd_unit_avx2<K, acc_t>;
+  if (pick_isa() == Isa::kAvx512) unit_fn = &bwd_unit_avx512<K, acc_t>;
+#endif
+  const Dims d(pb.geo, pb.cp);
+  const int64_t partial_size = (K * K + 3) * d.cp;
+  // Fixed split of the units into tasks (shape only), at most kMaxTasks and at most ~64 MiB of partial sums.
+  const int64_t mem_cap = std::max<int64_t>(1, (int64_t(64) << 20) / (partial_size * int64_t(sizeof(double))));
+  const int64_t tasks = std::max<int64_t>(1, std::min({pb.units, kMaxTasks, mem_cap}));
+  std::vector<double> partials(a.params ? tasks * partial_size : 0, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s;
+    s.x_ring.resize(K * d.row_elems);
+    if (a.grad_x != nullptr) s.dy_ring.resize(K * d.row_elems);
+    s.y.assign(d.wr * d.cp, acc_t(0));
+    s.g.assign(d.W * d.cp, acc_t(0));
+    s.tmp.resize(kTransposeBlock * d.W);
+    s.zeros.assign(d.cp, acc_t(0));
+    s.row_sums.resize(partial_size);
+    for (int64_t task = begin; task < end; ++task) {
+      double* partial = a.params ? partials.data() + task * partial_size : nullptr;
+      for (int64_t unit = pb.units * task / tasks; unit < pb.units * (task + 1) / tasks; ++unit) {
+        unit_fn(pb, a, unit, s, partial);
+      }
+    }
+  });
+  std::vector<double> total(a.params ? partial_size : 0, 0.0);
+  for (int64_t task = 0; a.params && task < tasks; ++task) {
+    const double* p = partials.data() + task * partial_size;
+    for (int64_t t = 0; t < partial_size; ++t) total[t] += p[t];
+  }
+  return total;
+}
+
+// ---- dispatch ----------------------------------------------------------------------------------------------------
+template <typename F>
+void dispatch_kernel(int64_t k, const F& f) {
+  switch (k) {
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 9: return f(std::integral_constant<int, 9>{});
+    case 11: return f(std::integral_constant<int, 11>{});
+    case 13: return f(std::integral_constant<int, 13>{});
+    default: TORCH_CHECK(false, "dwconv_ln (CPU): unsupported kernel size ", k);
+  }
+}
+
+template <typename F>
+void dispatch_acc(at::ScalarType x_type, const F& f) {
+  if (x_type == at::kDouble) return f(double{});
+  return f(float{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                 const c10::optional<at::Tensor>& conv_bias,
+                                                                 const c10::optional<at::Tensor>& ln_weight,
+                                                                 const c10::optional<at::Tensor>& ln_bias, double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "dwconv_ln_fwd (CPU kernel): x must be a CPU tensor, got ", x.device());
+  const Geometry geo = check_fwd_args(x, weight, conv_bias, ln_weight, ln_bias, eps, /*allow_double=*/true);
+  FwdOutputs o = alloc_fwd(x, geo);
+  if (geo.empty()) return {o.out, o.mean, o.rstd};
+  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    Problem<acc_t> pb;
+    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, eps, x.scalar_type());
+    dispatch_kernel(geo.kernel, [&](auto k_tag) {
+      fwd_run<decltype(k_tag)::value, acc_t>(pb, o.out.mutable_data_ptr(), o.mean.mutable_data_ptr<acc_t>(),
+                                             o.rstd.mutable_data_ptr<acc_t>());
+    });
+  });
+  return {o.out, o.mean, o.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& ln_weight,
+    const c10::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd, bool need_grad_x,
+    bool need_grad_params) {
+  TORCH_CHECK(x.device().is_cpu(), "dwconv_ln_bwd (CPU kernel): x must be a CPU tensor, got ", x.device());
+  const Geometry geo =
+      check_bwd_args(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, /*allow_double=*/true);
+  BwdOutputs o = alloc_bwd(x, weight, conv_bias, ln_weight, ln_bias, need_grad_x, need_grad_params);
+  const int64_t C = geo.channels, KK = geo.kernel * geo.kernel;
+  if (geo.empty() || (!need_grad_x && !need_grad_params)) {
+    if (o.want_weight) o.grad_weight.zero_();
+    if (o.want_conv_bias) o.grad_conv_bias.zero_();
+    if (o.want_ln_weight) o.grad_ln_weight.zero_();
+    if (o.want_ln_bias) o.grad_ln_bias.zero_();
+    return {o.grad_x, o.grad_weight, o.grad_conv_bias, o.grad_ln_weight, o.grad_ln_bias};
+  }
+  dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
+    using acc_t = decltype(acc_tag);
+    Problem<acc_t> pb;
+    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, 0.0, grad_out.scalar_type());
+    const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+    BwdArgs<acc_t> a;
+    a.grad_out = grad_out.const_data_ptr();
+    a.mean = mean_c.const_data_ptr<acc_t>();
+    a.rstd = rstd_c.const_data_ptr<acc_t>();
+    a.grad_x = need_grad_x ? o.grad_x.mutable_data_ptr() : nullptr;
+    a.params = need_grad_params;
+    std::vector<double> total;
+    dispatch_kernel(geo.kernel, [&](auto k_tag) { total = bwd_run<decltype(k_tag)::value, acc_t>(pb, a); });
+    if (!need_grad_params) return;
+    const int64_t cp = pb.cp;
+    at::Tensor gw = at::empty({C, 1, geo.kernel, geo.kernel}, x.options().dtype(at::kDouble));
+    double* gwp = gw.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t t = 0; t < KK; ++t) gwp[c * KK + t] = total[t * cp + c];
+    }
+    o.grad_weight.copy_(gw);
+    auto vec_out = [&](at::Tensor& dst, int64_t slot) {
+      at::Tensor v = at::empty({C}, x.options().dtype(at::kDouble));
+      std::copy(total.begin() + (KK + slot) * cp, total.begin() + (KK + slot) * cp + C, v.mutable_data_ptr<double>());
+      dst.copy_(v);
+    };
+    if (o.want_conv_bias) vec_out(o.grad_conv_bias, 0);
+    if (o.want_ln_weight) vec_out(o.grad_ln_weight, 1);
+    if (o.want_ln_bias) vec_out(o.grad_ln_bias, 2);
+  });
+  return {o.grad_x, o.grad_weight, o.grad_conv_bias, o.grad_ln_weight, o.grad_ln_bias};
+}
+
+}  // namespace
+}  // namespace dwconv_ln
+}  // namespace pykernels
+
+TORCH_LIBRARY_IMPL(pykernels, CPU, m) {
+  m.impl("dwconv_ln_fwd", &pykernels::dwconv_ln::dwconv_ln_fwd_cpu);
+  m.impl("dwconv_ln_bwd", &pykernels::dwconv_ln::dwconv_ln_bwd_cpu);
+}

@@ -10,7 +10,10 @@
 // Tiles. Every kernel works on tiles of TW consecutive pixels of one image row (b, h, w0 .. w0 + TW) and walks the
 // channels in chunks of CC: a chunk's input tile with its halo (CC channels x k rows x TW + k - 1 columns) and its
 // CC x k x k weights are staged in shared memory (fp32, fp64 for fp64 x), read from NCHW or channels_last x in place
-// through strides, with the thread -> element mapping that makes the global reads coalesced in either layout.
+// through strides, with the thread -> element mapping that makes the global reads coalesced in either layout. The
+// conv of a staged chunk gives each thread kPx consecutive pixels of one channel (a sliding window along the rows).
+// TW shrinks (from 16, or 32 for the grad kernels) until the block's dynamic shared memory fits 96 KB; launches above
+// 48 KB opt in with cudaFuncSetAttribute. 256 threads per block.
 //   dwconv_ln_fwd_kernel       one tile per block: conv of every chunk into a shared (TW, C) stash of y; then one
 //                              warp per pixel: mean and (two-pass) variance with warp shuffles, out written
 //                              coalesced over C, mean / rstd by lane 0.

@@ -60,7 +60,8 @@ def _grads(outputs, inputs, grad_out):
 def oracle(x, weight, conv_bias, ln_weight, ln_bias, grad_out):
     """float64 (out, mean, rstd, grad_x, grad_weight, grad_conv_bias, grad_ln_weight, grad_ln_bias)."""
     inputs = [
-        t.double().requires_grad_() if t is not None else None for t in (x, weight, conv_bias, ln_weight, ln_bias)
+        t.detach().double().requires_grad_() if t is not None else None
+        for t in (x, weight, conv_bias, ln_weight, ln_bias)
     ]
     out, mean, rstd = reference.dwconv_ln(*inputs, EPS)
     return [out.detach(), mean.detach(), rstd.detach(), *_grads(out, inputs, grad_out.double())]
@@ -70,12 +71,15 @@ def eager(x, weight, conv_bias, ln_weight, ln_bias, grad_out):
     """The same in x's dtype with eager PyTorch ops (parameters cast to x's dtype)."""
     dtype = x.dtype
     inputs = [
-        t.to(dtype).requires_grad_() if t is not None else None for t in (x, weight, conv_bias, ln_weight, ln_bias)
+        t.detach().to(dtype).requires_grad_() if t is not None else None
+        for t in (x, weight, conv_bias, ln_weight, ln_bias)
     ]
     xe, we, cbe, lwe, lbe = inputs
-    y = F.conv2d(xe, we, cbe, padding=weight.shape[-1] // 2, groups=x.shape[1]).permute(0, 2, 3, 1)
-    out, mean, rstd = torch.ops.aten.native_layer_norm(y, (x.shape[1],), lwe, lbe, EPS)
-    return [out.detach(), mean.detach().squeeze(-1), rstd.detach().squeeze(-1), *_grads(out, inputs, grad_out)]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 eager as fp32 (no TF32 convs on GPUs)
+        y = F.conv2d(xe, we, cbe, padding=weight.shape[-1] // 2, groups=x.shape[1]).permute(0, 2, 3, 1)
+        out, mean, rstd = torch.ops.aten.native_layer_norm(y, (x.shape[1],), lwe, lbe, EPS)
+        grads = _grads(out, inputs, grad_out)
+    return [out.detach(), mean.detach().squeeze(-1), rstd.detach().squeeze(-1), *grads]
 
 
 def kernel(x, weight, conv_bias, ln_weight, ln_bias, grad_out, need_grad_x=True, need_grad_params=True):

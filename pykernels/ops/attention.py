@@ -276,8 +276,11 @@ def _attention_setup_context(ctx, inputs, output):
     q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    # resolve the backend now (inside any use_backend() block): backward must use the forward's backend
-    ctx.backend = select_backend(q, k, v, backend=backend)
+    # an explicit choice (argument, use_backend() block, PYKERNELS_BACKEND) is fixed now, so backward outside a
+    # use_backend() block runs on the forward's backend; the automatic choice is made again in backward (same inputs,
+    # same answer). Not the resolved name: torch.compile bakes this string into the backward graph, and its on-disk
+    # caches could replay it in a process where other backends are available.
+    ctx.backend = backends.requested_backend(backend)
     ctx.need_grad_bias = bias is not None and ctx.needs_input_grad[3]
     ctx.args = (causal, scale, dropout_p, seed)
     ctx.save_for_backward(q, k, v, out, lse, bias, key_padding_mask)

@@ -309,12 +309,18 @@ PK_INLINE void transpose(const acc_t* __restrict__ src, int64_t ss, acc_t* __res
                          int64_t nw) {
   int64_t k0 = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    for (; k0 + 8 <= nk; k0 += 8) {
-      int64_t w0 = 0;
-      for (; w0 + 8 <= nw; w0 += 8) transpose8x8(src + k0 * ss + w0, ss, dst + w0 * ds + k0, ds);
-      for (; w0 < nw; ++w0) {
-        for (int64_t k = k0; k < k0 + 8; ++k) dst[w0 * ds + k] = src[k * ss + w0];
+    if (nw >= 8 && nk >= 8) {
+      // Partial blocks at the ends are done as full blocks overlapping the previous one (a copy: idempotent).
+      for (;; k0 += 8) {
+        const int64_t kb = std::min(k0, nk - 8);
+        for (int64_t w0 = 0;; w0 += 8) {
+          const int64_t wb = std::min(w0, nw - 8);
+          transpose8x8(src + kb * ss + wb, ss, dst + wb * ds + kb, ds);
+          if (wb + 8 >= nw) break;
+        }
+        if (kb + 8 >= nk) break;
       }
+      return;
     }
   }
   for (; k0 < nk; k0 += kTransposeBlock) {
@@ -379,18 +385,22 @@ struct VecOf;
 template <>
 struct VecOf<float, 32> {
   typedef float type __attribute__((vector_size(32)));
+  typedef int32_t index __attribute__((vector_size(32)));
 };
 template <>
 struct VecOf<double, 32> {
   typedef double type __attribute__((vector_size(32)));
+  typedef int64_t index __attribute__((vector_size(32)));
 };
 template <>
 struct VecOf<float, 64> {
   typedef float type __attribute__((vector_size(64)));
+  typedef int32_t index __attribute__((vector_size(64)));
 };
 template <>
 struct VecOf<double, 64> {
   typedef double type __attribute__((vector_size(64)));
+  typedef int64_t index __attribute__((vector_size(64)));
 };
 
 template <typename acc_t, int VW>
@@ -398,6 +408,7 @@ struct VT {
   using V = typename VecOf<acc_t, VW>::type;
   static constexpr int64_t L = VW / sizeof(acc_t);  // lanes
   static constexpr int64_t NV = kChannelPad / L;    // vectors per 16-channel group
+  using IV = typename VecOf<acc_t, VW>::index;
 
   static PK_INLINE V load(const acc_t* p) {
     V v;
@@ -417,12 +428,24 @@ struct VT {
     for (int64_t width = NV / 2; width > 0; width /= 2) {
       for (int64_t k = 0; k < width; ++k) part[k] = part[k] + part[k + width];
     }
-    acc_t lanes[L];
-    std::memcpy(lanes, &part[0], sizeof(lanes));
-    for (int64_t width = L / 2; width > 0; width /= 2) {
-      for (int64_t l = 0; l < width; ++l) lanes[l] = lanes[l] + lanes[l + width];
+    V v = part[0];
+    // Lane l += lane l + width, in registers (lanes >= width become don't-care).
+    if constexpr (L == 16) v = v + __builtin_shuffle(v, IV{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    if constexpr (L >= 8) {
+      if constexpr (L == 16) {
+        v = v + __builtin_shuffle(v, IV{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+        v = v + __builtin_shuffle(v, IV{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+        v = v + __builtin_shuffle(v, IV{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+      } else {
+        v = v + __builtin_shuffle(v, IV{4, 5, 6, 7, 0, 1, 2, 3});
+        v = v + __builtin_shuffle(v, IV{2, 3, 0, 1, 6, 7, 4, 5});
+        v = v + __builtin_shuffle(v, IV{1, 0, 3, 2, 5, 4, 7, 6});
+      }
+    } else {
+      v = v + __builtin_shuffle(v, IV{2, 3, 0, 1});
+      v = v + __builtin_shuffle(v, IV{1, 0, 3, 2});
     }
-    return lanes[0];
+    return v[0];
   }
 };
 
@@ -465,15 +488,17 @@ PK_INLINE void conv_row(const acc_t* const* rows, const acc_t* __restrict__ weig
   }
 }
 
-// LayerNorm of one pixel y[0, cp) in place (the padding channels of y are 0 on entry); writes mean and rstd. Mean
-// first, then the variance of the centred values.
+// LayerNorm of one pixel y[0, cp) (the padding channels of y are 0 on entry); writes mean and rstd. Mean first, then
+// the variance of the centred values. The result goes to `direct` (C values) when it is non-null (the output is in
+// the compute dtype), else back into y.
 template <typename acc_t, int VW>
-PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, const Problem<acc_t>& pb, acc_t eps, acc_t& mean_out,
-                                acc_t& rstd_out) {
+PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, acc_t* __restrict__ direct, const Problem<acc_t>& pb, acc_t eps,
+                                acc_t& mean_out, acc_t& rstd_out) {
   using T = VT<acc_t, VW>;
   using V = typename T::V;
-  const int64_t cp = pb.cp;
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(pb.geo.channels);
+  const int64_t cp = pb.cp, C = pb.geo.channels;
+  const int64_t cfull = C / kChannelPad * kChannelPad;  // groups without padding channels
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
   V s[T::NV];
   for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
   for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
@@ -481,11 +506,17 @@ PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, const Problem<acc_t>& pb,
   }
   const acc_t mean = T::sum16(s) * inv_c;
   const V mv = T::splat(mean);
-  const acc_t* mask = pb.mask.data();
   for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
-  for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
+  for (int64_t c0 = 0; c0 < cfull; c0 += kChannelPad) {
     for (int64_t k = 0; k < T::NV; ++k) {
-      const int64_t c = c0 + k * T::L;
+      const V d = T::load(y + c0 + k * T::L) - mv;
+      s[k] = s[k] + d * d;
+    }
+  }
+  if (cfull < cp) {
+    const acc_t* mask = pb.mask.data();
+    for (int64_t k = 0; k < T::NV; ++k) {
+      const int64_t c = cfull + k * T::L;
       const V d = (T::load(y + c) - mv) * T::load(mask + c);
       s[k] = s[k] + d * d;
     }
@@ -495,8 +526,16 @@ PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, const Problem<acc_t>& pb,
   const V rv = T::splat(rstd);
   const acc_t* lw = pb.ln_weight.data();
   const acc_t* lb = pb.ln_bias.data();
-  for (int64_t c = 0; c < cp; c += T::L) {
-    T::store(y + c, ((T::load(y + c) - mv) * rv) * T::load(lw + c) + T::load(lb + c));
+  if (direct != nullptr) {
+    int64_t c = 0;
+    for (; c + T::L <= C; c += T::L) {
+      T::store(direct + c, ((T::load(y + c) - mv) * rv) * T::load(lw + c) + T::load(lb + c));
+    }
+    for (; c < C; ++c) direct[c] = ((y[c] - mean) * rstd) * lw[c] + lb[c];
+  } else {
+    for (int64_t c = 0; c < cp; c += T::L) {
+      T::store(y + c, ((T::load(y + c) - mv) * rv) * T::load(lw + c) + T::load(lb + c));
+    }
   }
   mean_out = mean;
   rstd_out = rstd;
@@ -584,8 +623,13 @@ PK_INLINE void fwd_unit_impl(const Problem<acc_t>& pb, int64_t unit, Scratch<acc
     const int64_t pix0 = (b * H + h) * W;
     for (int64_t w = 0; w < W; ++w) {
       acc_t* yp = s.y.data() + w * d.cp;
-      layer_norm_pixel<acc_t, VW>(yp, pb, eps, mean[pix0 + w], rstd[pix0 + w]);
-      pb.out_io.out(yp, byte_ptr(out, (pix0 + w) * C, oes), C);
+      if (oes == int64_t(sizeof(acc_t))) {  // output in the compute dtype: written directly
+        layer_norm_pixel<acc_t, VW>(yp, static_cast<acc_t*>(out) + (pix0 + w) * C, pb, eps, mean[pix0 + w],
+                                    rstd[pix0 + w]);
+      } else {
+        layer_norm_pixel<acc_t, VW>(yp, nullptr, pb, eps, mean[pix0 + w], rstd[pix0 + w]);
+        pb.out_io.out(yp, byte_ptr(out, (pix0 + w) * C, oes), C);
+      }
     }
   }
 }

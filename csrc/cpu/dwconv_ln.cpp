@@ -449,6 +449,39 @@ struct VT {
   }
 };
 
+// sum_c f(c) over the cp channels of a pixel, f(c) giving the vector of channels [c, c + L). Deterministic and the
+// same at any vector width: 16-channel group g goes to logical 16-lane accumulator g % 4 (four independent chains),
+// the four are added as (0 + 1) + (2 + 3), then the 16 lanes in a fixed tree.
+template <typename acc_t, int VW, typename F>
+PK_INLINE acc_t reduce_channels(int64_t cp, const F& f) {
+  using T = VT<acc_t, VW>;
+  using V = typename T::V;
+  V s0[T::NV], s1[T::NV], s2[T::NV], s3[T::NV];
+  for (int64_t k = 0; k < T::NV; ++k) s0[k] = s1[k] = s2[k] = s3[k] = T::splat(0);
+  int64_t c0 = 0;
+  for (; c0 + 4 * kChannelPad <= cp; c0 += 4 * kChannelPad) {
+    for (int64_t k = 0; k < T::NV; ++k) {
+      s0[k] = s0[k] + f(c0 + k * T::L);
+      s1[k] = s1[k] + f(c0 + kChannelPad + k * T::L);
+      s2[k] = s2[k] + f(c0 + 2 * kChannelPad + k * T::L);
+      s3[k] = s3[k] + f(c0 + 3 * kChannelPad + k * T::L);
+    }
+  }
+  if (c0 < cp) {
+    for (int64_t k = 0; k < T::NV; ++k) s0[k] = s0[k] + f(c0 + k * T::L);
+    c0 += kChannelPad;
+  }
+  if (c0 < cp) {
+    for (int64_t k = 0; k < T::NV; ++k) s1[k] = s1[k] + f(c0 + k * T::L);
+    c0 += kChannelPad;
+  }
+  if (c0 < cp) {
+    for (int64_t k = 0; k < T::NV; ++k) s2[k] = s2[k] + f(c0 + k * T::L);
+  }
+  for (int64_t k = 0; k < T::NV; ++k) s0[k] = (s0[k] + s1[k]) + (s2[k] + s3[k]);
+  return T::sum16(s0);
+}
+
 // Output pixels per register block: 7 independent accumulator chains hide the add latency, 7 + K vector registers
 // (the weights of a kernel row stay in registers up to K = 7 with AVX2), and 7 divides every ConvNeXt stage width.
 constexpr int kPixelBlock = 7;
@@ -499,29 +532,15 @@ PK_INLINE void layer_norm_pixel(acc_t* __restrict__ y, acc_t* __restrict__ direc
   const int64_t cp = pb.cp, C = pb.geo.channels;
   const int64_t cfull = C / kChannelPad * kChannelPad;  // groups without padding channels
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-  V s[T::NV];
-  for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
-  for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
-    for (int64_t k = 0; k < T::NV; ++k) s[k] = s[k] + T::load(y + c0 + k * T::L);
-  }
-  const acc_t mean = T::sum16(s) * inv_c;
+  const acc_t mean = reduce_channels<acc_t, VW>(cp, [&](int64_t c) { return T::load(y + c); }) * inv_c;
   const V mv = T::splat(mean);
-  for (int64_t k = 0; k < T::NV; ++k) s[k] = T::splat(0);
-  for (int64_t c0 = 0; c0 < cfull; c0 += kChannelPad) {
-    for (int64_t k = 0; k < T::NV; ++k) {
-      const V d = T::load(y + c0 + k * T::L) - mv;
-      s[k] = s[k] + d * d;
-    }
-  }
-  if (cfull < cp) {
-    const acc_t* mask = pb.mask.data();
-    for (int64_t k = 0; k < T::NV; ++k) {
-      const int64_t c = cfull + k * T::L;
-      const V d = (T::load(y + c) - mv) * T::load(mask + c);
-      s[k] = s[k] + d * d;
-    }
-  }
-  const acc_t var = T::sum16(s) * inv_c;
+  const acc_t* mask = pb.mask.data();
+  const acc_t var = reduce_channels<acc_t, VW>(cp, [&](int64_t c) {
+                      V d = T::load(y + c) - mv;
+                      if (c + T::L > cfull) d = d * T::load(mask + c);  // the group with padding channels
+                      return d * d;
+                    }) *
+                    inv_c;
   const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
   const V rv = T::splat(rstd);
   const acc_t* lw = pb.ln_weight.data();
@@ -605,7 +624,8 @@ PK_INLINE void fwd_unit_impl(const Problem<acc_t>& pb, int64_t unit, Scratch<acc
   const int64_t b = unit / pb.bands, band = unit % pb.bands;
   const int64_t h0 = pb.band_begin(band), h1 = pb.band_begin(band + 1);
   if (h0 >= h1) return;
-  std::fill(s.x_ring.begin(), s.x_ring.end(), acc_t(0));
+  // The ring's padding columns / channels are zero from the worker's allocation and never written; other entries
+  // are loaded before they are read.
   auto ring_row = [&](int64_t h) { return s.x_ring.data() + (h % K) * d.row_elems; };
   for (int64_t h = std::max<int64_t>(0, h0 - r); h < std::min(H, h0 + r); ++h) {
     load_x_row(pb, b, h, ring_row(h), s.tmp.data());
@@ -663,7 +683,7 @@ void fwd_run(const Problem<acc_t>& pb, void* out, acc_t* mean, acc_t* rstd) {
   const Dims d(pb.geo, pb.cp);
   at::parallel_for(0, pb.units, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s;
-    s.x_ring.resize(K * d.row_elems);
+    s.x_ring.assign(K * d.row_elems, acc_t(0));
     s.y.assign(d.wr * d.cp, acc_t(0));
     s.tmp.resize(kTransposeBlock * d.W);
     for (int64_t unit = begin; unit < end; ++unit) unit_fn(pb, unit, s, out, mean, rstd);
@@ -699,8 +719,8 @@ PK_INLINE void bwd_unit_impl(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a, 
   // dy rows computed: the band, plus r rows of halo on each side when grad_x is needed.
   const int64_t d0 = need_dx ? std::max<int64_t>(0, h0 - r) : h0;
   const int64_t d1 = need_dx ? std::min(H, h1 + r) : h1;
-  std::fill(s.x_ring.begin(), s.x_ring.end(), acc_t(0));
-  if (need_dx) std::fill(s.dy_ring.begin(), s.dy_ring.end(), acc_t(0));
+  // Ring padding (columns, channels) is zero from the worker's allocation and never written; a row is written
+  // before it is read (x rows: loaded; dy rows: every row in [d0, d1) is computed before grad_x reads it).
   auto x_row = [&](int64_t h) { return s.x_ring.data() + (h % K) * d.row_elems; };
   auto dy_row = [&](int64_t h) { return s.dy_ring.data() + (h % K) * d.row_elems; };
   for (int64_t h = std::max<int64_t>(0, d0 - r); h < std::min(H, d0 + r); ++h) {
@@ -743,19 +763,15 @@ PK_INLINE void bwd_unit_impl(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a, 
       const V mv = T::splat(a.mean[pix0 + w]), rv = T::splat(a.rstd[pix0 + w]);
       const acc_t* yp = s.y.data() + w * cp;
       const acc_t* gp = s.g.data() + w * cp;
-      V sum_gw[T::NV], sum_gwx[T::NV];
-      for (int64_t k = 0; k < T::NV; ++k) sum_gw[k] = sum_gwx[k] = T::splat(0);
-      for (int64_t c0 = 0; c0 < cp; c0 += kChannelPad) {
-        for (int64_t k = 0; k < T::NV; ++k) {
-          const int64_t c = c0 + k * L;
-          const V xhat = (T::load(yp + c) - mv) * rv;
-          const V gw = T::load(gp + c) * T::load(lw + c);
-          sum_gw[k] = sum_gw[k] + gw;
-          sum_gwx[k] = sum_gwx[k] + gw * xhat;
-        }
-      }
-      const V av = T::splat(T::sum16(sum_gw) * inv_c);
-      const V m2 = T::splat(T::sum16(sum_gwx) * inv_c);
+      const acc_t a_mean = reduce_channels<acc_t, VW>(cp, [&](int64_t c) {
+        return T::load(gp + c) * T::load(lw + c);
+      });
+      const acc_t m2_mean = reduce_channels<acc_t, VW>(cp, [&](int64_t c) {
+        const V xhat = (T::load(yp + c) - mv) * rv;
+        return (T::load(gp + c) * T::load(lw + c)) * xhat;
+      });
+      const V av = T::splat(a_mean * inv_c);
+      const V m2 = T::splat(m2_mean * inv_c);
       acc_t* dp = dyr + w * cp;
       for (int64_t c = 0; c < cp; c += L) {
         const V xhat = (T::load(yp + c) - mv) * rv;
@@ -839,8 +855,8 @@ std::vector<double> bwd_run(const Problem<acc_t>& pb, const BwdArgs<acc_t>& a) {
   std::vector<double> partials(a.params ? tasks * partial_size : 0, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s;
-    s.x_ring.resize(K * d.row_elems);
-    if (a.grad_x != nullptr) s.dy_ring.resize(K * d.row_elems);
+    s.x_ring.assign(K * d.row_elems, acc_t(0));
+    if (a.grad_x != nullptr) s.dy_ring.assign(K * d.row_elems, acc_t(0));
     s.y.assign(d.wr * d.cp, acc_t(0));
     s.g.assign(d.W * d.cp, acc_t(0));
     s.tmp.resize(kTransposeBlock * d.W);

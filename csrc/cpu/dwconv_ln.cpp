@@ -485,18 +485,20 @@ PK_INLINE acc_t reduce_channels(int64_t cp, const F& f) {
 // Output pixels per register block: 7 independent accumulator chains hide the add latency, 7 + K vector registers
 // (the weights of a kernel row stay in registers up to K = 7 with AVX2), and 7 divides every ConvNeXt stage width.
 constexpr int kPixelBlock = 7;
+constexpr int64_t kConvChunk = 32;  // channels per forward conv pass (a multiple of kChannelPad)
 
 // out[w * cp + c] = sum_{i, j} rows[i][(w + j) * cp + c] * weight[(i * K + j) * cp + c] + bias[c] for w < wr (a
 // multiple of kPixelBlock), c < cp; rows[i] == nullptr is a zero row. Terms are added in (i, j) row-major order, then
 // the bias.
 template <int K, typename acc_t, int VW>
 PK_INLINE void conv_row(const acc_t* const* rows, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                        acc_t* __restrict__ out, int64_t wr, int64_t cp) {
+                        acc_t* __restrict__ out, int64_t wr, int64_t cp, int64_t c_begin = 0, int64_t c_end = -1) {
   using T = VT<acc_t, VW>;
   using V = typename T::V;
   constexpr int P = kPixelBlock;
+  if (c_end < 0) c_end = cp;
   for (int64_t w0 = 0; w0 < wr; w0 += P) {
-    for (int64_t c0 = 0; c0 < cp; c0 += T::L) {
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += T::L) {
       V acc[P];
       for (int p = 0; p < P; ++p) acc[p] = T::splat(0);
       for (int i = 0; i < K; ++i) {
@@ -614,6 +616,13 @@ Isa pick_isa() {
   return isa;
 }
 
+// Rows per forward sub-band: about kSubBandElems elements of x rows (with halo) + conv output, at least 1.
+constexpr int64_t kSubBandElems = int64_t(192) << 10;
+inline int64_t fwd_sub_rows(const Dims& d, int64_t K, int64_t rows) {
+  const int64_t fit = (kSubBandElems - (K - 1) * d.row_elems) / (d.row_elems + d.wr * d.cp);
+  return std::max<int64_t>(1, std::min(rows, fit));
+}
+
 // ---- forward -----------------------------------------------------------------------------------------------------
 template <int K, typename acc_t, int VW>
 PK_INLINE void fwd_unit_impl(const Problem<acc_t>& pb, int64_t unit, Scratch<acc_t>& s, void* out, acc_t* mean,
@@ -624,31 +633,41 @@ PK_INLINE void fwd_unit_impl(const Problem<acc_t>& pb, int64_t unit, Scratch<acc
   const int64_t b = unit / pb.bands, band = unit % pb.bands;
   const int64_t h0 = pb.band_begin(band), h1 = pb.band_begin(band + 1);
   if (h0 >= h1) return;
-  // The ring's padding columns / channels are zero from the worker's allocation and never written; other entries
-  // are loaded before they are read.
-  auto ring_row = [&](int64_t h) { return s.x_ring.data() + (h % K) * d.row_elems; };
-  for (int64_t h = std::max<int64_t>(0, h0 - r); h < std::min(H, h0 + r); ++h) {
-    load_x_row(pb, b, h, ring_row(h), s.tmp.data());
-  }
+  // Sub-bands of `sub` rows: their x rows (with the K - 1 halo rows) are loaded into s.x_ring, then the conv runs
+  // chunk of kConvChunk channels by chunk over all rows of the sub-band (a chunk's weights and input columns stay
+  // in L1), into s.y ([sub][wr][cp]); then the LayerNorm of every pixel. Padding columns / channels of s.x_ring are
+  // zero from the worker's allocation and never written; rows are loaded before they are read.
+  const int64_t sub = fwd_sub_rows(d, K, h1 - h0);
   const acc_t eps = eps_of(pb);
   const int64_t oes = pb.out_io.elem_size;
-  for (int64_t h = h0; h < h1; ++h) {
-    if (h + r < H) load_x_row(pb, b, h + r, ring_row(h + r), s.tmp.data());
-    const acc_t* rows[K];
-    for (int i = 0; i < K; ++i) {
-      const int64_t hi = h + i - r;
-      rows[i] = (hi >= 0 && hi < H) ? ring_row(hi) : nullptr;
+  for (int64_t hs = h0; hs < h1; hs += sub) {
+    const int64_t he = std::min(h1, hs + sub);
+    auto x_row = [&](int64_t h) { return s.x_ring.data() + (h - hs + r) * d.row_elems; };
+    for (int64_t h = std::max<int64_t>(0, hs - r); h < std::min(H, he + r); ++h) {
+      load_x_row(pb, b, h, x_row(h), s.tmp.data());
     }
-    conv_row<K, acc_t, VW>(rows, pb.weight.data(), pb.conv_bias.data(), s.y.data(), d.wr, d.cp);
-    const int64_t pix0 = (b * H + h) * W;
-    for (int64_t w = 0; w < W; ++w) {
-      acc_t* yp = s.y.data() + w * d.cp;
-      if (oes == int64_t(sizeof(acc_t))) {  // output in the compute dtype: written directly
-        layer_norm_pixel<acc_t, VW>(yp, static_cast<acc_t*>(out) + (pix0 + w) * C, pb, eps, mean[pix0 + w],
-                                    rstd[pix0 + w]);
-      } else {
-        layer_norm_pixel<acc_t, VW>(yp, nullptr, pb, eps, mean[pix0 + w], rstd[pix0 + w]);
-        pb.out_io.out(yp, byte_ptr(out, (pix0 + w) * C, oes), C);
+    for (int64_t c0 = 0; c0 < d.cp; c0 += kConvChunk) {
+      for (int64_t h = hs; h < he; ++h) {
+        const acc_t* rows[K];
+        for (int i = 0; i < K; ++i) {
+          const int64_t hi = h + i - r;
+          rows[i] = (hi >= 0 && hi < H) ? x_row(hi) : nullptr;
+        }
+        conv_row<K, acc_t, VW>(rows, pb.weight.data(), pb.conv_bias.data(), s.y.data() + (h - hs) * d.wr * d.cp,
+                               d.wr, d.cp, c0, std::min(d.cp, c0 + kConvChunk));
+      }
+    }
+    for (int64_t h = hs; h < he; ++h) {
+      const int64_t pix0 = (b * H + h) * W;
+      for (int64_t w = 0; w < W; ++w) {
+        acc_t* yp = s.y.data() + ((h - hs) * d.wr + w) * d.cp;
+        if (oes == int64_t(sizeof(acc_t))) {  // output in the compute dtype: written directly
+          layer_norm_pixel<acc_t, VW>(yp, static_cast<acc_t*>(out) + (pix0 + w) * C, pb, eps, mean[pix0 + w],
+                                      rstd[pix0 + w]);
+        } else {
+          layer_norm_pixel<acc_t, VW>(yp, nullptr, pb, eps, mean[pix0 + w], rstd[pix0 + w]);
+          pb.out_io.out(yp, byte_ptr(out, (pix0 + w) * C, oes), C);
+        }
       }
     }
   }
@@ -681,10 +700,11 @@ void fwd_run(const Problem<acc_t>& pb, void* out, acc_t* mean, acc_t* rstd) {
   if (pick_isa() == Isa::kAvx512) unit_fn = &fwd_unit_avx512<K, acc_t>;
 #endif
   const Dims d(pb.geo, pb.cp);
+  const int64_t sub = fwd_sub_rows(d, K, pb.geo.height);
   at::parallel_for(0, pb.units, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> s;
-    s.x_ring.assign(K * d.row_elems, acc_t(0));
-    s.y.assign(d.wr * d.cp, acc_t(0));
+    s.x_ring.assign((sub + K - 1) * d.row_elems, acc_t(0));
+    s.y.assign(sub * d.wr * d.cp, acc_t(0));
     s.tmp.resize(kTransposeBlock * d.W);
     for (int64_t unit = begin; unit < end; ++unit) unit_fn(pb, unit, s, out, mean, rstd);
   });

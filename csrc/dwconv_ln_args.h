@@ -207,16 +207,17 @@ inline BwdOutputs alloc_bwd(const at::Tensor& x, const at::Tensor& weight, const
                             const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                             bool need_grad_x, bool need_grad_params) {
   BwdOutputs o;
-  const at::Tensor empty = at::empty({0}, x.options());
-  o.grad_x = need_grad_x ? at::empty_like(x) : empty;
+  // a fresh (0,) tensor per placeholder: op outputs must not alias each other (opcheck)
+  const auto empty = [&x] { return at::empty({0}, x.options()); };
+  o.grad_x = need_grad_x ? at::empty_like(x) : empty();
   o.want_weight = need_grad_params;
   o.want_conv_bias = need_grad_params && conv_bias.has_value();
   o.want_ln_weight = need_grad_params && ln_weight.has_value();
   o.want_ln_bias = need_grad_params && ln_bias.has_value();
-  o.grad_weight = o.want_weight ? at::empty(weight.sizes(), weight.options()) : empty;
-  o.grad_conv_bias = o.want_conv_bias ? at::empty({x.size(1)}, conv_bias->options()) : empty;
-  o.grad_ln_weight = o.want_ln_weight ? at::empty({x.size(1)}, ln_weight->options()) : empty;
-  o.grad_ln_bias = o.want_ln_bias ? at::empty({x.size(1)}, ln_bias->options()) : empty;
+  o.grad_weight = o.want_weight ? at::empty(weight.sizes(), weight.options()) : empty();
+  o.grad_conv_bias = o.want_conv_bias ? at::empty({x.size(1)}, conv_bias->options()) : empty();
+  o.grad_ln_weight = o.want_ln_weight ? at::empty({x.size(1)}, ln_weight->options()) : empty();
+  o.grad_ln_bias = o.want_ln_bias ? at::empty({x.size(1)}, ln_bias->options()) : empty();
   return o;
 }
 

@@ -233,7 +233,7 @@ struct Problem {
 template <typename acc_t>
 void fill_problem(Problem<acc_t>& pb, const Geometry& geo, const at::Tensor& x, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& conv_bias, const c10::optional<at::Tensor>& ln_weight,
-                  const c10::optional<at::Tensor>& ln_bias, double eps, at::ScalarType io_type) {
+                  const c10::optional<at::Tensor>& ln_bias, double eps, at::ScalarType io_type, bool need_flip) {
   pb.geo = geo;
   const int64_t C = geo.channels, K = geo.kernel, KK = K * K;
   pb.cp = (C + kChannelPad - 1) / kChannelPad * kChannelPad;
@@ -252,11 +252,14 @@ void fill_problem(Problem<acc_t>& pb, const Geometry& geo, const at::Tensor& x, 
   const at::Tensor w = weight.reshape({C, KK}).to(acc_type).contiguous();
   const acc_t* wp = w.const_data_ptr<acc_t>();
   pb.weight.assign(KK * pb.cp, acc_t(0));
-  pb.weight_flip.assign(KK * pb.cp, acc_t(0));
   for (int64_t c = 0; c < C; ++c) {
+    for (int64_t t = 0; t < KK; ++t) pb.weight[t * pb.cp + c] = wp[c * KK + t];
+  }
+  if (need_flip) {  // backward only
+    pb.weight_flip.assign(KK * pb.cp, acc_t(0));
     for (int64_t t = 0; t < KK; ++t) {
-      pb.weight[t * pb.cp + c] = wp[c * KK + t];
-      pb.weight_flip[(KK - 1 - t) * pb.cp + c] = wp[c * KK + t];
+      std::copy(pb.weight.begin() + t * pb.cp, pb.weight.begin() + (t + 1) * pb.cp,
+                pb.weight_flip.begin() + (KK - 1 - t) * pb.cp);
     }
   }
   auto vec_param = [&](const c10::optional<at::Tensor>& p, acc_t absent) {
@@ -928,7 +931,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_ln_fwd_cpu(const at::Tenso
   dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     Problem<acc_t> pb;
-    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, eps, x.scalar_type());
+    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, eps, x.scalar_type(), /*need_flip=*/false);
     dispatch_kernel(geo.kernel, [&](auto k_tag) {
       fwd_run<decltype(k_tag)::value, acc_t>(pb, o.out.mutable_data_ptr(), o.mean.mutable_data_ptr<acc_t>(),
                                              o.rstd.mutable_data_ptr<acc_t>());
@@ -957,7 +960,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
   dispatch_acc(x.scalar_type(), [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     Problem<acc_t> pb;
-    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, 0.0, grad_out.scalar_type());
+    fill_problem(pb, geo, x, weight, conv_bias, ln_weight, ln_bias, 0.0, grad_out.scalar_type(), /*need_flip=*/true);
     const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
     BwdArgs<acc_t> a;
     a.grad_out = grad_out.const_data_ptr();

@@ -64,13 +64,15 @@ def _nvcc_toolkit_dir() -> str | None:
     try:
         dry_run = subprocess.run(
             [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     for line in (dry_run.stdout + dry_run.stderr).splitlines():
         if line.startswith("#$ TOP="):
-            top = os.path.realpath(line[len("#$ TOP="):].strip())
+            top = os.path.realpath(line[len("#$ TOP=") :].strip())
             return top if os.path.isdir(os.path.join(top, "include")) else None
     return None
 

@@ -208,8 +208,6 @@ def test_every_kernel_size(device, backend, k, layout):
 )
 def test_mixed_precision_params(device, backend, x_dtype, param_dtype):
     """Autocast-style mix: bf16 / fp16 activations with float32 parameters; each gradient in its tensor's dtype."""
-    if _triton_slow(device, backend) and x_dtype == torch.bfloat16:
-        pytest.skip("interpreter: one mixed case (fp16) is enough")
     require(backend, device, x_dtype)
     inputs = make_inputs((2, 20, 6, 6), 7, x_dtype, device, "channels_last", param_dtype=param_dtype)
     # eager casts the float32 parameters to x's dtype, which the kernels do not: the floor is the dtype's rounding

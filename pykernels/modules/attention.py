@@ -20,7 +20,7 @@ from torch import nn
 from pykernels.ops import attention as _attention_ops
 from pykernels.ops.attention import SUPPORTED_HEAD_DIMS
 
-__all__ = ["FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
+__all__ = ["FusedMHSA", "FusedMaskedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
 
 
 def _draw_seed() -> torch.Tensor:
@@ -168,6 +168,9 @@ class FusedMHSA(nn.Module):
         * Hugging Face ``ViTAttention`` (``q_proj``/``k_proj``/``v_proj``/``o_proj``) -> :class:`FusedViTAttention`
           (HF's call signature; ``qkv.weight = cat(q, k, v)``, ``proj = o_proj``);
         * ``nn.MultiheadAttention`` (either ``batch_first``) -> :class:`FusedMultiheadAttention`;
+        * the reference classes this project started from: ``SelfAttention`` (``qkv`` packed as timm's, output
+          Linear ``out``) -> :class:`FusedMHSA`, and ``MHSA`` (``qkv`` + ``proj``, ``forward(x, mask)`` with a 0/1
+          mask) -> :class:`FusedMaskedMHSA` (the same call signature);
         * a ``FusedMHSA`` (copied).
         """
         if isinstance(module, nn.MultiheadAttention):
@@ -179,10 +182,15 @@ class FusedMHSA(nn.Module):
             new = _from_timm(cls if cls is not FusedMultiheadAttention else FusedMHSA, module, backend)
         elif _is_hf_vit_attention(module):
             new = _from_hf_vit(module, backend)
+        elif _seeds_kind(module) == "SelfAttention":
+            new = _from_packed(FusedMHSA, module.qkv, module.out, module.num_heads, backend)
+        elif _seeds_kind(module) == "MHSA":
+            new = _from_packed(FusedMaskedMHSA, module.qkv, module.proj, module.nh, backend)
         else:
             raise TypeError(
                 f"FusedMHSA.from_module does not know {type(module).__module__}.{type(module).__name__}; supported: "
-                "timm vision_transformer.Attention, Hugging Face ViTAttention, nn.MultiheadAttention, FusedMHSA"
+                "timm vision_transformer.Attention, Hugging Face ViTAttention, nn.MultiheadAttention, the reference "
+                "SelfAttention / MHSA classes, FusedMHSA"
             )
         new.train(module.training)
         return new
@@ -196,6 +204,8 @@ def can_convert(module: nn.Module) -> bool:
         return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
     if _is_timm_attention(module):
         return not _timm_unsupported(module)
+    if _seeds_kind(module) is not None:
+        return True
     if _is_hf_vit_attention(module):
         heads = getattr(module, "num_attention_heads", None)
         dim = module.q_proj.in_features
@@ -207,6 +217,37 @@ def _is_timm_attention(m: nn.Module) -> bool:
     """timm's plain ViT ``Attention`` only (not Swin's WindowAttention & co, whose extra bias would be lost)."""
     cls = type(m)
     return cls.__name__ == "Attention" and cls.__module__ in ("timm.layers.attention", "timm.models.vision_transformer")
+
+
+def _seeds_kind(m: nn.Module) -> str | None:
+    """"SelfAttention" / "MHSA" for the reference classes this project started from (matched by name and layout:
+    a packed (3, H, D) ``qkv`` Linear C -> 3C and a C -> C output Linear), else None."""
+    name = type(m).__name__
+    if name == "SelfAttention":
+        heads, head_dim, out = getattr(m, "num_heads", None), getattr(m, "head_dim", None), getattr(m, "out", None)
+    elif name == "MHSA":
+        heads, head_dim, out = getattr(m, "nh", None), getattr(m, "dk", None), getattr(m, "proj", None)
+    else:
+        return None
+    qkv = getattr(m, "qkv", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(out, nn.Linear) and isinstance(heads, int)):
+        return None
+    dim = qkv.in_features
+    ok = heads * head_dim == dim and qkv.out_features == 3 * dim and (out.in_features, out.out_features) == (dim, dim)
+    return name if ok else None
+
+
+def _from_packed(cls, qkv: nn.Linear, out: nn.Linear, heads: int, backend: str | None) -> FusedMHSA:
+    """A ``cls`` with these packed-qkv and output Linears (scale head_dim ** -0.5, no dropout: as the references)."""
+    dim = qkv.in_features
+    new = cls(dim, heads, qkv.bias is not None, 0.0, 0.0, False, None, backend)
+    if out.bias is None:
+        new.proj = nn.Linear(dim, dim, bias=False)
+    new = new.to(qkv.weight)
+    with torch.no_grad():
+        new.qkv.load_state_dict(qkv.state_dict())
+        new.proj.load_state_dict(out.state_dict())
+    return new
 
 
 def _is_hf_vit_attention(m: nn.Module) -> bool:
@@ -276,6 +317,20 @@ def _from_hf_vit(m: nn.Module, backend: str | None) -> FusedViTAttention:
         if m.o_proj.bias is not None:
             new.proj.bias.copy_(m.o_proj.bias)
     return new
+
+
+class FusedMaskedMHSA(FusedMHSA):
+    """:class:`FusedMHSA` with the call signature of the reference ``MHSA``: ``forward(x, mask=None)`` where ``mask``
+    (broadcastable to (B, H, N, N)) is 0 where a score is masked; those scores get ``-1e9``, as the reference's
+    ``masked_fill(mask == 0, -1e9)`` (added to the score rather than replacing it: the same softmax unless a whole
+    row is masked, where the reference averages every value uniformly and this averages them almost uniformly)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
+        bias = None
+        if mask is not None:
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            bias = torch.zeros(mask.shape, dtype=dtype, device=x.device).masked_fill(mask == 0, -1e9)
+        return super().forward(x, bias)
 
 
 class FusedViTAttention(FusedMHSA):

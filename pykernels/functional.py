@@ -46,6 +46,8 @@ def _check_tensor(name: str, t: torch.Tensor, like: torch.Tensor | None = None) 
 def _channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
     """The dim of ``branch`` that a per-channel ``gamma`` scales, by broadcasting rules: (C,) -> last dim,
     (C, 1, 1) or (1, C, 1, 1) -> dim -3 (NCHW)."""
+    if gamma.numel() == 1 and 1 <= branch.dim() - gamma.dim() and branch.shape[branch.dim() - gamma.dim()] == 1:
+        return branch.dim() - gamma.dim()  # C = 1: (1, 1, 1) is NCHW's (C, 1, 1), not a per-W scale
     shape = list(gamma.shape)
     while len(shape) > 1 and shape[0] == 1:
         shape.pop(0)

@@ -454,3 +454,17 @@ def test_automatic_choice_falls_back_quietly(monkeypatch):
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     out = F.drop_path_add(x, x.float(), 0.0)
     assert ran == ["torch"] and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_single_channel_gamma(layout):
+    """C = 1: a (1, 1, 1) layer-scale is NCHW's (C, 1, 1) (not a scale of the last dim), as eager broadcasts it."""
+    torch.manual_seed(0)
+    x, b = torch.randn(2, 1, 5, 7), torch.randn(2, 1, 5, 7)
+    if layout == "channels_last":
+        x, b = (t.contiguous(memory_format=torch.channels_last) for t in (x, b))
+    gamma = torch.randn(1, 1, 1, requires_grad=True)
+    out = F.drop_path_add(x, b, 0.0, gamma)
+    torch.testing.assert_close(out, x + b * gamma, rtol=0, atol=0)
+    (grad_gamma,) = torch.autograd.grad(out.sum(), gamma)
+    torch.testing.assert_close(grad_gamma, b.sum().reshape(1, 1, 1), rtol=1e-5, atol=1e-5)

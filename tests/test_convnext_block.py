@@ -669,3 +669,17 @@ def test_compile_fullgraph_matches_eager():
             outcomes.update(rows.tolist())
             assert_close_scaled(out_c, out_e, 1e-6, f"train seed {seed}")
     assert outcomes == {True, False}
+
+
+def test_inference_in_place_gelu_matches_autograd_path():
+    """Under no_grad the MLP applies GELU in place on its hidden tensor: the same values as the autograd path, and
+    the input is left untouched."""
+    torch.manual_seed(3)
+    block = ConvNeXtBlock(24, layer_scale_init_value=0.5).eval()
+    x = torch.randn(2, 24, 9, 9)
+    x_copy = x.clone()
+    with torch.no_grad():
+        fast = block(x)
+    slow = block(x.clone().requires_grad_())
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(x, x_copy, rtol=0, atol=0)

@@ -63,10 +63,12 @@ class ConvNeXtMlp(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.conv:
-            return self.fc2(self.act(self.fc1(x)))
-        x = nn.functional.linear(x, self.fc1.weight.flatten(1), self.fc1.bias)
-        return nn.functional.linear(self.act(x), self.fc2.weight.flatten(1), self.fc2.bias)
+        hidden = nn.functional.linear(x, self.fc1.weight.flatten(1), self.fc1.bias)
+        if hidden.requires_grad or type(self.act) is not nn.GELU:
+            hidden = self.act(hidden)
+        else:  # inference: GELU in place on the (..., 4C) hidden tensor, the block's largest (no second buffer)
+            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        return nn.functional.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
 
     def extra_repr(self) -> str:
         return "conv=True" if self.conv else ""

@@ -220,7 +220,7 @@ def _is_timm_attention(m: nn.Module) -> bool:
 
 
 def _seeds_kind(m: nn.Module) -> str | None:
-    """"SelfAttention" / "MHSA" for the reference classes this project started from (matched by name and layout:
+    """ "SelfAttention" / "MHSA" for the reference classes this project started from (matched by name and layout:
     a packed (3, H, D) ``qkv`` Linear C -> 3C and a C -> C output Linear), else None."""
     name = type(m).__name__
     if name == "SelfAttention":

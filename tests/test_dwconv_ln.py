@@ -347,6 +347,29 @@ def test_deterministic(device, backend):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_independent_of_thread_count(layout):
+    """The C++ kernels split work and reduce the parameter gradients by shape only: 1, 2 and 3 intra-op threads give
+    bit-identical outputs and gradients."""
+    require("cpp", "cpu")
+    shape = (2, 40, 11, 9)
+    inputs = make_inputs(shape, 7, torch.float32, "cpu", layout)
+    grad_out = torch.randn(shape[0], shape[2], shape[3], shape[1])
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_grads(lambda *a: F.dwconv_ln(*a, backend="cpp"), inputs, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    (out0, g0) = runs[0]
+    for out, grads in runs[1:]:
+        assert torch.equal(out, out0)
+        for name, a, b in zip(NAMES[1:], grads, g0):
+            assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
 def _check_deterministic(device, backend):
     shape = (1, 16, 5, 5) if _triton_slow(device, backend) else (2, 48, 19, 19)
     inputs = make_inputs(shape, 7, torch.float32, device, "channels_last")

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICES, require_backend
+from seeds_reference import MHSA, SelfAttention
 from torch import nn
 
 from pykernels.backends import BackendNotSupportedError
@@ -306,60 +307,6 @@ def test_hf_vit_attention_parity(device, backend):
     torch.testing.assert_close(fused.proj.weight.grad, ref.o_proj.weight.grad, atol=1e-4, rtol=1e-3)
 
 
-# ---- the reference classes this project started from (/work/shared/seeds), copied verbatim -----------------------
-
-
-class SeedSelfAttention(nn.Module):  # 003_8d8ded4205e85488.txt, "Self-Attention Pattern" (class SelfAttention)
-    """Scaled dot-product attention."""
-
-    def __init__(self, embed_dim, num_heads=8):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = embed_dim // num_heads
-        self.qkv = nn.Linear(embed_dim, embed_dim * 3)
-        self.out = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * (self.head_dim**-0.5)
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        x = self.out(x)
-        return x
-
-
-SeedSelfAttention.__name__ = "SelfAttention"
-
-
-class MHSA(nn.Module):  # 002_ee3eb2434317a6c3.txt, Transformers section
-    def __init__(self, d_model, n_heads):
-        super().__init__()
-        assert d_model % n_heads == 0
-        self.nh = n_heads
-        self.dk = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x, mask=None):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-
-        def split(t):
-            return t.view(B, T, self.nh, self.dk).transpose(1, 2)
-
-        q, k, v = map(split, (q, k, v))
-        scores = (q @ k.transpose(-2, -1)) / (self.dk**0.5)
-        if mask is not None:
-            scores = scores.masked_fill(mask == 0, -1e9)
-        w = scores.softmax(dim=-1)
-        attn = w @ v
-        attn = attn.transpose(1, 2).contiguous().view(B, T, D)
-        return self.proj(attn)
-
-
 @pytest.mark.parametrize("device,backend", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("seed_class", ["SelfAttention", "MHSA-nomask", "MHSA-causal", "MHSA-padding"])
 def test_seeds_attention_parity(device, backend, seed_class):
@@ -368,7 +315,7 @@ def test_seeds_attention_parity(device, backend, seed_class):
     _require(backend, device)
     torch.manual_seed(14)
     batch, tokens, dim, heads = 2, 13, 64, 4
-    ref = (SeedSelfAttention(dim, heads) if seed_class == "SelfAttention" else MHSA(dim, heads)).to(device).eval()
+    ref = (SelfAttention(dim, heads) if seed_class == "SelfAttention" else MHSA(dim, heads)).to(device).eval()
     fused = FusedMHSA.from_module(ref, backend=backend)
     assert type(fused) is (FusedMHSA if seed_class == "SelfAttention" else FusedMaskedMHSA)
     assert can_convert(ref)

@@ -21,6 +21,7 @@ import re
 
 import pytest
 import torch
+from seeds_reference import ConvNeXtBlock as SeedsConvNeXtBlock
 from torch import nn
 
 import pykernels
@@ -46,65 +47,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ---- the seeds' reference implementation (003_8d8ded4205e85488.txt), copied verbatim ----------------------------
-
-
-class DropPath(nn.Module):
-    """Drop paths (Stochastic Depth) per sample.
-
-    Randomly drops entire residual blocks during training.
-    """
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-
-        keep_prob = 1 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
-        random_tensor.floor_()
-
-        output = x.div(keep_prob) * random_tensor
-        return output
-
-
-class SeedsConvNeXtBlock(nn.Module):
-    """ConvNeXt block - modernized ResNet (2022)."""
-
-    def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)  # Expand
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)  # Contract
-        self.gamma = (
-            nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)  # noqa: UP034
-            if layer_scale_init_value > 0
-            else None
-        )
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x):
-        input = x
-        x = self.dwconv(x)
-        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
-        x = self.norm(x)
-        x = self.pwconv1(x)
-        x = self.act(x)
-        x = self.pwconv2(x)
-        if self.gamma is not None:
-            x = self.gamma * x
-        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-
-        x = input + self.drop_path(x)
-        return x
 
 
 # ---- the originals, and how their parameter names map to ours --------------------------------------------------

@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from seeds_reference import ConvNeXtBlock, DropPath
 from torch import nn
 
 import pykernels
@@ -27,65 +28,6 @@ torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 PKDropPath = pykernels.DropPath
-
-
-# ---- the seeds' reference implementation (003_8d8ded4205e85488.txt), copied verbatim ----------------------------
-
-
-class DropPath(nn.Module):
-    """Drop paths (Stochastic Depth) per sample.
-
-    Randomly drops entire residual blocks during training.
-    """
-
-    def __init__(self, drop_prob=0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-
-        keep_prob = 1 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
-        random_tensor.floor_()
-
-        output = x.div(keep_prob) * random_tensor
-        return output
-
-
-class ConvNeXtBlock(nn.Module):
-    """ConvNeXt block - modernized ResNet (2022)."""
-
-    def __init__(self, dim, drop_path=0.0, layer_scale_init_value=1e-6):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)  # Expand
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)  # Contract
-        self.gamma = (
-            nn.Parameter(layer_scale_init_value * torch.ones((dim)), requires_grad=True)  # noqa: UP034
-            if layer_scale_init_value > 0
-            else None
-        )
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x):
-        input = x
-        x = self.dwconv(x)
-        x = x.permute(0, 2, 3, 1)  # (N, C, H, W) -> (N, H, W, C)
-        x = self.norm(x)
-        x = self.pwconv1(x)
-        x = self.act(x)
-        x = self.pwconv2(x)
-        if self.gamma is not None:
-            x = self.gamma * x
-        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
-
-        x = input + self.drop_path(x)
-        return x
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -368,9 +310,8 @@ def test_from_module_copies_state(source, training):
     assert new.training == training
     assert new.scale_by_keep == getattr(src, "scale_by_keep", True)
     assert new.mode == getattr(src, "mode", "row")
-    expected_rng = (
-        "uniform" if type(src).__module__.startswith(("transformers.", __name__)) else getattr(src, "rng", "bernoulli")
-    )
+    uniform_sources = ("transformers.", "seeds_reference")  # draw floor(keep_prob + rand)
+    expected_rng = "uniform" if type(src).__module__.startswith(uniform_sources) else getattr(src, "rng", "bernoulli")
     assert new.rng == expected_rng
     # and it behaves like the source (bit-identical where the source masks by multiplication only)
     x = make_input("tokens_197")

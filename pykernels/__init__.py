@@ -1,7 +1,7 @@
 """pykernels: fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in
 ``nn.Module``s with full autograd.
 
-    from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm
+    from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMHSA
     from pykernels.functional import drop_path_add, dwconv_ln
     pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt blocks and DropPaths -> pykernels'
 

@@ -26,14 +26,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/half_convert.h"
 #include "drop_path_args.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define PYKERNELS_X86_F16C 1
-#else
-#define PYKERNELS_X86_F16C 0
-#endif
 
 namespace pykernels {
 namespace drop_path {
@@ -46,89 +41,7 @@ constexpr int64_t kMaxTasks = 256;          // at most this many partial-sum buf
 constexpr int kLanes = 16;                  // independent accumulators of a constant-gamma dot product
 constexpr int64_t kStageNumel = 512;        // float16 elements converted to float at a time
 
-// ---- float16 -------------------------------------------------------------------------------------------------
-// Loops over c10::Half do not vectorize (its conversions branch, and F16C is not in the baseline ISA), so float16
-// tensors are converted to / from float in tiles of kStageNumel elements (see staged() below) with F16C when the CPU
-// has it, else with the same IEEE algorithms as c10::detail::fp16_ieee_{to,from}_fp32_value (bit-identical for
-// every input, round to nearest even) written with mask selects, which gcc vectorizes.
-inline uint32_t select_bits(bool condition, uint32_t if_true, uint32_t if_false) {
-  const uint32_t mask = 0u - static_cast<uint32_t>(condition);
-  return (if_true & mask) | (if_false & ~mask);
-}
-
-inline float half_to_float(c10::Half half) {
-  const uint32_t w = static_cast<uint32_t>(half.x) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = select_bits(two_w < (1u << 27), std::bit_cast<uint32_t>(denormalized),
-                                         std::bit_cast<uint32_t>(normalized));
-  return std::bit_cast<float>(sign | magnitude);
-}
-
-inline c10::Half float_to_half(float value) {
-  const uint32_t w = std::bit_cast<uint32_t>(value);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t exponent_bias = shl1_w & 0xFF000000u;
-  const uint32_t bias = select_bits(exponent_bias < 0x71000000u, 0x71000000u, exponent_bias);
-  float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
-  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = std::bit_cast<uint32_t>(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  const uint32_t half_bits = (sign >> 16) | select_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign);
-  return c10::Half(static_cast<unsigned short>(half_bits), c10::Half::from_bits());
-}
-
-void half_to_float_portable(const c10::Half* __restrict__ src, float* __restrict__ dst, int64_t numel) {
-  for (int64_t i = 0; i < numel; ++i) dst[i] = half_to_float(src[i]);
-}
-
-void float_to_half_portable(const float* __restrict__ src, c10::Half* __restrict__ dst, int64_t numel) {
-  for (int64_t i = 0; i < numel; ++i) dst[i] = float_to_half(src[i]);
-}
-
-#if PYKERNELS_X86_F16C
-__attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* __restrict__ src,
-                                                             float* __restrict__ dst, int64_t numel) {
-  int64_t i = 0;
-  for (; i + 8 <= numel; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < numel; ++i) dst[i] = half_to_float(src[i]);
-}
-
-__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* __restrict__ src,
-                                                             c10::Half* __restrict__ dst, int64_t numel) {
-  int64_t i = 0;
-  for (; i + 8 <= numel; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < numel; ++i) dst[i] = float_to_half(src[i]);
-}
-#endif
-
-struct HalfConverters {
-  void (*to_float)(const c10::Half*, float*, int64_t);
-  void (*from_float)(const float*, c10::Half*, int64_t);
-};
-
-// Chosen once, by what the CPU running the code supports.
-const HalfConverters& half_converters() {
-  static const HalfConverters converters = [] {
-#if PYKERNELS_X86_F16C
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) {
-      return HalfConverters{&half_to_float_f16c, &float_to_half_f16c};
-    }
-#endif
-    return HalfConverters{&half_to_float_portable, &float_to_half_portable};
-  }();
-  return converters;
-}
-
+// ---- float16: tiles converted by the shared run converters (half_convert.h) -------------------------------------
 template <typename T>
 constexpr bool is_half_v = std::is_same_v<T, c10::Half>;
 
@@ -144,7 +57,7 @@ void staged(out_t* out, const a_t* in_a, const b_t* in_b, int64_t numel, const L
   if constexpr (!is_half_v<out_t> && !is_half_v<a_t> && !is_half_v<b_t>) {
     loop(out, in_a, in_b, int64_t(0), numel);
   } else {
-    const HalfConverters& convert = half_converters();
+    const cpu::HalfRuns& convert = cpu::half_runs();
     staged_t<out_t> out_tile[is_half_v<out_t> ? kStageNumel : 1];
     staged_t<a_t> a_tile[is_half_v<a_t> ? kStageNumel : 1];
     staged_t<b_t> b_tile[is_half_v<b_t> ? kStageNumel : 1];

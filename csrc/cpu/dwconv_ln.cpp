@@ -36,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/half_convert.h"
 #include "dwconv_ln_args.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -58,93 +59,7 @@ constexpr int64_t kTargetUnits = 32;    // bands are cut so that B * bands reach
 constexpr int64_t kMaxTasks = 64;       // at most this many backward partial-sum buffers
 constexpr int64_t kTransposeBlock = 8;  // channels transposed together when reading / writing NCHW rows
 
-// ---- element conversion (one contiguous run) ----------------------------------------------------------------------
-inline uint32_t select_bits(bool condition, uint32_t if_true, uint32_t if_false) {
-  const uint32_t mask = 0u - static_cast<uint32_t>(condition);
-  return (if_true & mask) | (if_false & ~mask);
-}
-
-// Bit-identical to c10::detail::fp16_ieee_{to,from}_fp32_value, written so that gcc vectorizes them.
-inline float half_to_float(uint16_t bits) {
-  const uint32_t w = static_cast<uint32_t>(bits) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
-  const float normalized = std::bit_cast<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
-  const float denormalized = std::bit_cast<float>((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = select_bits(two_w < (1u << 27), std::bit_cast<uint32_t>(denormalized),
-                                         std::bit_cast<uint32_t>(normalized));
-  return std::bit_cast<float>(sign | magnitude);
-}
-
-inline uint16_t float_to_half(float value) {
-  const uint32_t w = std::bit_cast<uint32_t>(value);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t exponent_bias = shl1_w & 0xFF000000u;
-  const uint32_t bias = select_bits(exponent_bias < 0x71000000u, 0x71000000u, exponent_bias);
-  float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
-  base = std::bit_cast<float>((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = std::bit_cast<uint32_t>(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | select_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
-}
-
-// As c10::BFloat16's round to nearest even (NaN -> 0x7FC0).
-inline uint16_t float_to_bfloat16(float value) {
-  const uint32_t u = std::bit_cast<uint32_t>(value);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(select_bits((u & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC0u, rounded));
-}
-
-void half_to_float_portable(const void* src, float* __restrict__ dst, int64_t n) {
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(s[i]);
-}
-void float_to_half_portable(const float* __restrict__ src, void* dst, int64_t n) {
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = float_to_half(src[i]);
-}
-
-#if PYKERNELS_X86
-__attribute__((target("avx,f16c"))) void half_to_float_f16c(const void* src, float* __restrict__ dst, int64_t n) {
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
-  }
-  for (; i < n; ++i) dst[i] = half_to_float(s[i]);
-}
-__attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* __restrict__ src, void* dst, int64_t n) {
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < n; ++i) d[i] = float_to_half(src[i]);
-}
-#endif
-
-bool cpu_has(const char* feature_avx2_or_f16c) {
-#if PYKERNELS_X86
-  __builtin_cpu_init();
-  if (std::strcmp(feature_avx2_or_f16c, "f16c") == 0) {
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  }
-  return __builtin_cpu_supports("avx2");
-#else
-  (void)feature_avx2_or_f16c;
-  return false;
-#endif
-}
-
-void bfloat16_to_float(const void* src, float* __restrict__ dst, int64_t n) {
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(static_cast<uint32_t>(s[i]) << 16);
-}
-void float_to_bfloat16_run(const float* __restrict__ src, void* dst, int64_t n) {
-  uint16_t* d = static_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = float_to_bfloat16(src[i]);
-}
+// ---- element conversion (one contiguous run; float16 / bfloat16 runs from half_convert.h) ---------------------
 template <typename T>
 void copy_run_in(const void* src, T* __restrict__ dst, int64_t n) {
   std::memcpy(dst, src, n * sizeof(T));
@@ -177,22 +92,14 @@ Converter<acc_t> converter_for(at::ScalarType t) {
         c.out = &copy_run_out<float>;
         c.elem_size = 4;
         break;
-      case at::kHalf: {
-        static const bool f16c = cpu_has("f16c");
-#if PYKERNELS_X86
-        c.in = f16c ? &half_to_float_f16c : &half_to_float_portable;
-        c.out = f16c ? &float_to_half_f16c : &float_to_half_portable;
-#else
-        (void)f16c;
-        c.in = &half_to_float_portable;
-        c.out = &float_to_half_portable;
-#endif
+      case at::kHalf:
+        c.in = cpu::half_runs().to_float;
+        c.out = cpu::half_runs().from_float;
         c.elem_size = 2;
         break;
-      }
       case at::kBFloat16:
-        c.in = &bfloat16_to_float;
-        c.out = &float_to_bfloat16_run;
+        c.in = &cpu::bfloat16_to_float_run;
+        c.out = &cpu::float_to_bfloat16_run;
         c.elem_size = 2;
         break;
       default:

@@ -31,6 +31,19 @@ def require_backend(op: str, backend: str, device: str) -> None:
         pytest.skip(f"{backend} on {device} unavailable: " + "; ".join(reasons))
 
 
+def spy_kernels(monkeypatch, ops_module) -> list[str]:
+    """Records the backend name of every ``ops_module._kernels(name)`` lookup (which backend actually ran)."""
+    ran: list[str] = []
+    real = ops_module._kernels
+
+    def spy(name):
+        ran.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ops_module, "_kernels", spy)
+    return ran
+
+
 def pytest_report_header(config):
     ok, why = backends.extension_status()
     return [

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import device_backends, require_backend
+from conftest import device_backends, require_backend, spy_kernels
 
 import pykernels
 from pykernels import functional as F
@@ -417,21 +417,9 @@ def test_explicit_backend_that_cannot_serve_lists_every_reason():
         assert name in msg
 
 
-def _spy_backend(monkeypatch):
-    ran = []
-    real = ops._kernels
-
-    def spy(name):
-        ran.append(name)
-        return real(name)
-
-    monkeypatch.setattr(ops, "_kernels", spy)
-    return ran
-
-
 def test_backend_selection_precedence(monkeypatch):
     """argument > use_backend() > PYKERNELS_BACKEND > automatic (cpp if built, else torch, on CPU)."""
-    ran = _spy_backend(monkeypatch)
+    ran = spy_kernels(monkeypatch, ops)
     x = torch.randn(2, 3, 4)
     F.drop_path_add(x, x, 0.1)
     auto = "cpp" if not ops.OP.not_supported_reasons("cpp", x.device, [x.dtype]) else "torch"
@@ -450,7 +438,7 @@ def test_backend_selection_precedence(monkeypatch):
 
 def test_automatic_choice_falls_back_quietly(monkeypatch):
     """float64 mixed with float32 is outside the compiled kernels: the automatic choice quietly takes `torch`."""
-    ran = _spy_backend(monkeypatch)
+    ran = spy_kernels(monkeypatch, ops)
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     out = F.drop_path_add(x, x.float(), 0.0)
     assert ran == ["torch"] and out.dtype == torch.float64

@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import device_backends, require_backend
+from conftest import device_backends, require_backend, spy_kernels
 
 import pykernels
 from pykernels import functional as F
@@ -594,22 +594,10 @@ def test_unsupported_reasons_name_what_is_supported():
     torch.testing.assert_close(ops.dwconv_ln(x, w, None, None, None, EPS, "torch")[0], eager(x, w, None, None, None))
 
 
-def _spy(monkeypatch):
-    ran = []
-    real = ops._kernels
-
-    def spy(name):
-        ran.append(name)
-        return real(name)
-
-    monkeypatch.setattr(ops, "_kernels", spy)
-    return ran
-
-
 def test_backend_selection(monkeypatch):
     """Automatic: cpp if built, else torch, on CPU; argument > use_backend() > PYKERNELS_BACKEND; backward runs on
     the forward's backend even outside the use_backend() block."""
-    ran = _spy(monkeypatch)
+    ran = spy_kernels(monkeypatch, ops)
     inputs = make_inputs((1, 4, 3, 3), 3, torch.float32, "cpu")
     auto = "cpp" if not ops.OP.not_supported_reasons("cpp", torch.device("cpu"), [torch.float32], kernel_size=3) \
         else "torch"  # fmt: skip

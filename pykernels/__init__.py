@@ -2,7 +2,7 @@
 ``nn.Module``s with full autograd.
 
     from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMHSA
-    from pykernels.functional import drop_path_add, dwconv_ln
+    from pykernels.functional import attention, drop_path_add, dwconv_ln
     pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt blocks and DropPaths -> pykernels'
 
 Importing never fails because Triton, the compiled extension or a GPU is missing: each op falls back to a
@@ -10,13 +10,10 @@ backend that is there (``python -m pykernels info`` says which).
 """
 
 from pykernels import backends as _backends
-
-_backends.extension_status()  # load pykernels._C (if built) before the ops register their fake kernels
-
-from pykernels import functional  # noqa: E402
-from pykernels.backends import BackendNotSupportedError, use_backend  # noqa: E402
-from pykernels.modules import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMHSA  # noqa: E402
-from pykernels.swap import swap  # noqa: E402
+from pykernels import functional, ops
+from pykernels.backends import BackendNotSupportedError, use_backend
+from pykernels.modules import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMHSA
+from pykernels.swap import swap
 
 
 def info() -> str:
@@ -32,6 +29,7 @@ __all__ = [
     "FusedMHSA",
     "functional",
     "info",
+    "ops",
     "swap",
     "use_backend",
 ]

@@ -25,14 +25,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from pykernels._dtypes import FLOAT_DTYPES, dtype_name
+
 BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
-FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 _CONTEXT_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("pykernels_backend", default=None)
 _OPS: dict[str, Op] = {}
@@ -137,30 +139,92 @@ class KernelSpec:
         devices: device types it runs on ("cpu", "cuda").
         dtypes: supported input dtypes.
         min_capability: minimum CUDA compute capability, for GPU backends.
-        compiled_op: for ``cpp``/``cuda``: the ``pykernels::`` op that must be registered in ``pykernels._C``.
         check: op-specific extra check, called with the call's description; returns reasons (empty = fine).
     """
 
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype] = FLOAT_DTYPES
     min_capability: tuple[int, int] | None = None
-    compiled_op: str | None = None
     check: Callable[..., list[str]] | None = field(default=None, compare=False)
 
 
 def _dtype_names(dtypes) -> str:
-    return ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+    return ", ".join(sorted(dtype_name(d) for d in dtypes))
+
+
+@functools.cache
+def _import_status(module: str) -> tuple[bool, str]:
+    """(``module`` importable, '' or the reason it is not)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        return False, f"{module} is not available ({type(exc).__name__}: {exc})"
+    return True, ""
 
 
 @dataclass
 class Op:
-    """A pykernels op: its backends' capabilities and its priority lists per device type."""
+    """A pykernels op: its backends' capabilities, its priority lists per device type, and where its kernels are.
+
+    Every backend's kernels are found by name (see docs/adding-an-op.md), all with the signatures of the compiled
+    ops declared in csrc/ops.cpp:
+
+    * ``triton``: ``pykernels.triton_kernels.<stem>.<name>_fwd`` / ``<name>_bwd`` (the launchers);
+    * ``cpp`` / ``cuda``: ``torch.ops.pykernels.<name>_fwd`` / ``<name>_bwd`` (CPU / CUDA kernels of ``pykernels._C``);
+    * ``torch``: ``pykernels.reference.<stem>.<name>_fwd`` / ``<name>_bwd``.
+
+    Args:
+        name: the op's name: ``pykernels::<name>`` is its public custom op, ``pykernels::<name>_backward`` its backward.
+        stem: the file stem of its kernels (default: ``name``).
+        specs: what each backend that implements it supports (a backend absent here has no implementation).
+        gpu_priority / cpu_priority: the automatic order on CUDA / CPU tensors.
+    """
 
     name: str
     specs: dict[str, KernelSpec]
     gpu_priority: Sequence[str]
     cpu_priority: Sequence[str] = ("cpp", "torch")
+    stem: str = ""
     _decisions: dict = field(default_factory=dict, repr=False, compare=False)
+    _kernels: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.stem = self.stem or self.name
+        for name in (*self.specs, *self.gpu_priority, *self.cpu_priority):
+            _check_name(name)
+
+    def kernels(self, backend: str) -> tuple[Callable, Callable]:
+        """(fwd, bwd) callables of ``backend``, with the signatures of the compiled ops."""
+        try:
+            return self._kernels[backend]
+        except KeyError:
+            pass
+        fwd, bwd = f"{self.name}_fwd", f"{self.name}_bwd"
+        if backend in ("cpp", "cuda"):
+            found = (getattr(torch.ops.pykernels, fwd).default, getattr(torch.ops.pykernels, bwd).default)
+        else:
+            package = "pykernels.triton_kernels" if backend == "triton" else "pykernels.reference"
+            module = importlib.import_module(f"{package}.{self.stem}")
+            found = (getattr(module, fwd), getattr(module, bwd))
+        self._kernels[backend] = found
+        return found
+
+    def compiled_schema_exists(self) -> bool:
+        """Whether the loaded ``pykernels._C`` defines ``pykernels::<name>_fwd`` / ``_bwd`` (an extension built
+        before csrc/ops.cpp declared this op does not)."""
+        return (
+            extension_status()[0]
+            and hasattr(torch.ops.pykernels, f"{self.name}_fwd")
+            and hasattr(torch.ops.pykernels, f"{self.name}_bwd")
+        )
+
+    def register_compiled_fakes(self, fwd_fake: Callable, bwd_fake: Callable) -> None:
+        """Fake (meta) kernels of the compiled ``pykernels::<name>_fwd`` / ``_bwd`` (when ``pykernels._C`` defines
+        them): the same functions as the Python custom ops' fakes, whose extra trailing ``backend`` argument has a
+        default."""
+        if self.compiled_schema_exists():
+            torch.library.register_fake(f"pykernels::{self.name}_fwd")(fwd_fake)
+            torch.library.register_fake(f"pykernels::{self.name}_bwd")(bwd_fake)
 
     def backend_reasons(self, backend: str, device: torch.device | None = None) -> list[str]:
         """Why ``backend`` cannot run this op at all (nothing built / installed), or on ``device``."""
@@ -170,6 +234,8 @@ class Op:
         reasons: list[str] = []
         if backend == "triton":
             ok, why = triton_status()
+            if ok:
+                ok, why = _import_status(f"pykernels.triton_kernels.{self.stem}")
             if not ok:
                 reasons.append(why)
             if device is not None and device.type == "cpu" and not triton_interpret():
@@ -178,14 +244,19 @@ class Op:
             ok, why = extension_status()
             if not ok:
                 reasons.append(why)
-            elif spec.compiled_op and not has_compiled_kernel(spec.compiled_op, "CPU" if backend == "cpp" else "CUDA"):
+            elif not self.compiled_schema_exists():
+                reasons.append(
+                    f"pykernels._C has no {self.name} kernels (built before csrc/ops.cpp defined "
+                    f"pykernels::{self.name}_fwd); rebuild it with `pip install --no-build-isolation -e .`"
+                )
+            elif not has_compiled_kernel(f"{self.name}_fwd", "CPU" if backend == "cpp" else "CUDA"):
                 if backend == "cuda":
                     reasons.append(
                         "pykernels._C was built without its CUDA kernels (no CUDA torch or nvcc at build time, "
                         "or PYKERNELS_SKIP_CUDA_BUILD=1)"
                     )
                 else:
-                    reasons.append(f"pykernels._C has no CPU kernel for {spec.compiled_op}")
+                    reasons.append(f"pykernels._C has no CPU kernel for {self.name}_fwd")
         if device is not None:
             if device.type == "cuda" and not torch.cuda.is_available():
                 reasons.append("no CUDA device (torch.cuda.is_available() is False)")
@@ -208,7 +279,7 @@ class Op:
         spec = self.specs.get(backend)
         if spec is None:
             return reasons
-        bad = sorted({str(d).replace("torch.", "") for d in dtypes if d not in spec.dtypes})
+        bad = sorted({dtype_name(d) for d in dtypes if d not in spec.dtypes})
         if bad:
             reasons.append(
                 f"dtype {', '.join(bad)} not supported by {backend} (supported: {_dtype_names(spec.dtypes)})"
@@ -305,8 +376,8 @@ def info() -> str:
                     continue  # e.g. cpp on cuda: not a combination worth a line
                 status = "available" if not why else "unavailable: " + "; ".join(why)
                 dtypes = f" [{_dtype_names(spec.dtypes)}]" if spec is not None and not why else ""
-                if name == "cuda" and spec is not None and spec.compiled_op and why:
-                    built = has_compiled_kernel(spec.compiled_op, "CUDA")
+                if name == "cuda" and spec is not None and why:
+                    built = has_compiled_kernel(f"{op.name}_fwd", "CUDA")
                     status += f" (CUDA kernels {'built into' if built else 'not in'} pykernels._C)"
                 lines.append(f"  {name:<7} {device.type:<5} {status}{dtypes}")
     return "\n".join(lines)

@@ -1,4 +1,7 @@
-"""Public functions of pykernels.
+"""Public functions of pykernels: each checks its arguments (with the rules of its op, ``pykernels.ops.<stem>``),
+then calls the op.
+
+:func:`attention` is multi-head attention without an Nq x Nk matrix in memory (FlashAttention-2, Dao 2023).
 
 :func:`dwconv_ln` is the front of ConvNeXt's block (Liu et al. 2022, "A ConvNet for the 2020s"): a depthwise
 k x k conv followed by LayerNorm over channels, fused into one kernel that writes (B, H, W, C).
@@ -16,60 +19,22 @@ from collections.abc import Callable
 import torch
 
 from pykernels import reference
+from pykernels._dtypes import promote_dtypes
+from pykernels.ops import attention as _attention_ops
 from pykernels.ops import drop_path as _drop_path_ops
 from pykernels.ops import dwconv_ln as _dwconv_ln_ops
+from pykernels.ops.drop_path import channel_dim as _channel_dim
+from pykernels.ops.drop_path import check_drop_args as _check_drop_args
+from pykernels.ops.drop_path import check_tensor as _check_tensor
 
-__all__ = ["drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln"]
-
-_RNGS = ("bernoulli", "uniform")
-_MODES = ("row", "batch")
-
-
-def _check_drop_args(drop_prob: float, mode: str, rng: str) -> None:
-    if not 0.0 <= float(drop_prob) <= 1.0:
-        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'row' (one draw per sample) or 'batch' (one draw per batch), got {mode!r}")
-    if rng not in _RNGS:
-        raise ValueError(f"rng must be 'bernoulli' (timm, torchvision) or 'uniform' (Hugging Face), got {rng!r}")
-
-
-def _check_tensor(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but branch is on {like.device}; put them on one device")
-
-
-def _channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
-    """The dim of ``branch`` that a per-channel ``gamma`` scales, by broadcasting rules: (C,) -> last dim,
-    (C, 1, 1) or (1, C, 1, 1) -> dim -3 (NCHW)."""
-    if gamma.numel() == 1 and 1 <= branch.dim() - gamma.dim() and branch.shape[branch.dim() - gamma.dim()] == 1:
-        return branch.dim() - gamma.dim()  # C = 1: (1, 1, 1) is NCHW's (C, 1, 1), not a per-W scale
-    shape = list(gamma.shape)
-    while len(shape) > 1 and shape[0] == 1:
-        shape.pop(0)
-    trailing = 0
-    while len(shape) > 1 and shape[-1] == 1:
-        shape.pop()
-        trailing += 1
-    dim = branch.dim() - 1 - trailing
-    if len(shape) != 1 or dim < 1 or branch.shape[dim] != shape[0]:
-        raise ValueError(
-            f"gamma must be a per-channel layer-scale that broadcasts over one non-batch dim of branch: (C,) for "
-            f"channels-last or (B, N, C) tokens, (C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} for branch "
-            f"{tuple(branch.shape)}"
-        )
-    return dim
+__all__ = ["attention", "drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln"]
 
 
 def _draw(branch: torch.Tensor, gamma, drop_prob, training, scale_by_keep, mode, rng) -> torch.Tensor | None:
     """Per-sample scale (B,), or None when nothing is dropped (eval or drop_prob == 0: no RNG is drawn)."""
     if not training or drop_prob == 0.0:
         return None
-    dtype = reference.promote_dtypes(branch, gamma)  # timm draws in the dtype of gamma * branch
+    dtype = promote_dtypes(branch, gamma)  # timm draws in the dtype of gamma * branch
     return reference.draw_drop_path_scale(
         branch.shape[0], branch.dim(), drop_prob, dtype=dtype, device=branch.device,
         scale_by_keep=scale_by_keep, mode=mode, rng=rng,
@@ -192,7 +157,7 @@ def drop_path_branch(
     if kept.numel() == x.shape[0]:
         return _fused(x, branch_fn(x), scale, gamma, backend)
     if kept.numel() == 0:  # nothing runs; the dtype is still what the fused add would give (branch dtype unknown)
-        return x.to(reference.promote_dtypes(x, gamma), copy=True)
+        return x.to(promote_dtypes(x, gamma), copy=True)
     x_kept = x.index_select(0, kept)
     out_kept = _fused(x_kept, branch_fn(x_kept), scale.index_select(0, kept), gamma, backend)
     return x.to(out_kept.dtype).index_copy(0, kept, out_kept)
@@ -213,58 +178,6 @@ def _fused(residual, branch, scale, gamma, backend):
 # ---- dwconv_ln ---------------------------------------------------------------------------------------------------
 
 _OUT_LAYOUTS = ("nhwc", "nchw")
-_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _check_dwconv_ln_args(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout) -> None:
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError(f"x and weight must be torch.Tensors, got {type(x).__name__} and {type(weight).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor (NCHW or channels_last), got shape {tuple(x.shape)}")
-    if x.dtype not in _X_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    channels = x.shape[1]
-    if channels == 0:
-        raise ValueError("x has 0 channels: LayerNorm over channels needs C >= 1")
-    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(
-            f"weight must be a depthwise conv weight of shape (C, 1, k, k) (nn.Conv2d(C, C, k, groups=C).weight), "
-            f"got {tuple(weight.shape)}"
-        )
-    if weight.shape[0] != channels:
-        raise ValueError(
-            f"weight has {weight.shape[0]} channels but x has C = {channels} (x.shape[1]); a depthwise conv weight is "
-            f"(C, 1, k, k)"
-        )
-    k = weight.shape[-1]
-    if k % 2 == 0 or k not in _dwconv_ln_ops.SUPPORTED_KERNEL_SIZES:
-        raise ValueError(
-            f"kernel size {k} not supported: dwconv_ln takes odd k from 3 to 13 "
-            f"({', '.join(map(str, _dwconv_ln_ops.SUPPORTED_KERNEL_SIZES))}; stride 1, 'same' zero padding k // 2)"
-        )
-    for name, t in (("weight", weight), ("conv_bias", conv_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if name != "weight" and tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must have shape (C,) = ({channels},), got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
-        if t.dtype != x.dtype and (t.dtype != torch.float32 or x.dtype == torch.float64):
-            raise TypeError(
-                f"{name} is {_dtype_name(t.dtype)} but x is {_dtype_name(x.dtype)}: each parameter must be x's dtype "
-                f"or float32 (float32 parameters with bfloat16 / float16 activations; float64 x needs float64 "
-                f"parameters); cast one of them"
-            )
-    if not float(eps) >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if out_layout not in _OUT_LAYOUTS:
-        raise ValueError(f"out_layout must be 'nhwc' ((B, H, W, C)) or 'nchw' ((B, C, H, W) view), got {out_layout!r}")
 
 
 def dwconv_ln(
@@ -303,6 +216,53 @@ def dwconv_ln(
     Returns:
         ``(B, H, W, C)`` tensor (or its ``(B, C, H, W)`` permuted view for ``out_layout="nchw"``) of x's dtype.
     """
-    _check_dwconv_ln_args(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout)
+    _dwconv_ln_ops.check_args(x, weight, conv_bias, ln_weight, ln_bias, eps)
+    if out_layout not in _OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be 'nhwc' ((B, H, W, C)) or 'nchw' ((B, C, H, W) view), got {out_layout!r}")
     out, _, _ = _dwconv_ln_ops.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, float(eps), backend)
     return out if out_layout == "nhwc" else out.permute(0, 3, 1, 2)
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+
+_NO_SEED = torch.zeros((1,), dtype=torch.int64)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``softmax(scale * q k^T + bias, masked) @ v`` per (batch, head), never an Nq x Nk matrix in memory (Triton).
+
+    Args:
+        q: ``(B, Nq, H, D)`` queries, any strides: ``qkv.view(B, N, 3, H, D).unbind(2)`` is read without a copy.
+        k, v: ``(B, Nk, H, D)`` keys and values, q's dtype.
+        bias: additive float score bias broadcastable to ``(B, H, Nq, Nk)`` (e.g. a relative-position bias); gets a
+            gradient.
+        key_padding_mask: ``(B, Nk)`` bool, True = ignore that key. Query rows with every key masked give 0.
+        causal: top-left causal mask (query i sees keys j <= i), as SDPA's ``is_causal=True``.
+        scale: score scale, default ``D ** -0.5``.
+        dropout_p: dropout on the attention probabilities, in [0, 1); its mask comes from torch's generator
+            (``torch.manual_seed`` reproduces it) and is regenerated in backward, never stored.
+        backend: ``"triton"`` or ``"torch"``; None chooses (CUDA: triton for its head dims, else torch; CPU: torch).
+            The Triton kernel takes head dims 16, 32, 48, 64, 80, 96, 128, 256 (float32 up to 64).
+
+    Returns:
+        ``(B, Nq, H, D)`` in q's dtype: a view of a contiguous ``(B, Nq, H * D)`` tensor (``.flatten(2)`` is free),
+        the input of the output projection.
+    """
+    _attention_ops.check_args(q, k, v, bias, key_padding_mask, dropout_p)
+    batch, n_q, heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    # the dropout seed: a one-element CPU tensor from torch's generator (no device sync, no graph break)
+    seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
+    out, _ = _attention_ops.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed,
+                                      backend)  # fmt: skip
+    return out.view(batch, n_q, heads, head_dim)

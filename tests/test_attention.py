@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, require_backend
+from helpers import DEVICES, require_backend
 from seeds_reference import MHSA, SelfAttention
 from torch import nn
 

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import device_backends, require_backend, spy_kernels
+from helpers import device_backends, require_backend, spy_kernels
 
 import pykernels
 from pykernels import functional as F
@@ -419,7 +419,7 @@ def test_explicit_backend_that_cannot_serve_lists_every_reason():
 
 def test_backend_selection_precedence(monkeypatch):
     """argument > use_backend() > PYKERNELS_BACKEND > automatic (cpp if built, else torch, on CPU)."""
-    ran = spy_kernels(monkeypatch, ops)
+    ran = spy_kernels(monkeypatch, ops.OP)
     x = torch.randn(2, 3, 4)
     F.drop_path_add(x, x, 0.1)
     auto = "cpp" if not ops.OP.not_supported_reasons("cpp", x.device, [x.dtype]) else "torch"
@@ -436,9 +436,27 @@ def test_backend_selection_precedence(monkeypatch):
         F.drop_path_add(x, x, 0.1)
 
 
+@pytest.mark.parametrize("gamma_grad", [True, False], ids=["gamma_grad", "no_gamma_grad"])
+def test_backward_runs_on_the_forwards_explicit_backend(monkeypatch, gamma_grad):
+    """An explicit choice made for the forward (here a use_backend() block) also runs the backward, even when
+    backward() is called outside the block - as attention and dwconv_ln do."""
+    ran = spy_kernels(monkeypatch, ops.OP)
+    x = torch.randn(2, 3, 4)
+    branch = torch.randn(2, 3, 4, requires_grad=True)
+    gamma = torch.randn(4, requires_grad=gamma_grad)
+    auto = "cpp" if not ops.OP.not_supported_reasons("cpp", x.device, [x.dtype]) else "torch"
+    explicit = "torch" if auto == "cpp" else "cpp"
+    if ops.OP.not_supported_reasons(explicit, x.device, [x.dtype]):
+        pytest.skip(f"needs two CPU backends (torch and cpp): {explicit} is not available here")
+    with pykernels.use_backend(explicit):
+        out = F.drop_path_add(x, branch, 0.5, gamma)
+    out.sum().backward()
+    assert ran == [explicit, explicit], ran
+
+
 def test_automatic_choice_falls_back_quietly(monkeypatch):
     """float64 mixed with float32 is outside the compiled kernels: the automatic choice quietly takes `torch`."""
-    ran = spy_kernels(monkeypatch, ops)
+    ran = spy_kernels(monkeypatch, ops.OP)
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     out = F.drop_path_add(x, x.float(), 0.0)
     assert ran == ["torch"] and out.dtype == torch.float64

@@ -17,19 +17,11 @@ import math
 import torch
 from torch import nn
 
+from pykernels import backends
+from pykernels import functional as F
 from pykernels.ops import attention as _attention_ops
-from pykernels.ops.attention import SUPPORTED_HEAD_DIMS
 
 __all__ = ["FusedMHSA", "FusedMaskedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
-
-
-def _draw_seed() -> torch.Tensor:
-    """A Philox seed for attention dropout from torch's default generator (``torch.manual_seed`` reproduces it), as a
-    one-element CPU tensor: no device sync, the same seed whatever the device, and no graph break under compile."""
-    return torch.randint(0, 2**31 - 1, (1,))
-
-
-_NO_SEED = torch.zeros((1,), dtype=torch.int64)
 
 
 class FusedMHSA(nn.Module):
@@ -75,12 +67,10 @@ class FusedMHSA(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         if backend is not None:
-            _attention_ops.backends._check_name(backend)
-            if backend == "triton" and self.head_dim not in SUPPORTED_HEAD_DIMS:
-                raise ValueError(
-                    f"backend='triton' does not support head dim {self.head_dim} (dim {dim} / {num_heads} heads); "
-                    f"supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
-                )
+            backends.requested_backend(backend)  # a known name
+            why = _attention_ops.head_dim_reasons(self.head_dim) if backend == "triton" else []
+            if why:
+                raise ValueError(f"backend='triton' (dim {dim} / {num_heads} heads): {why[0]}")
         self.scale = float(scale) if scale is not None else self.head_dim**-0.5
         self.attn_drop = float(attn_drop)
         self.causal = bool(causal)
@@ -107,12 +97,9 @@ class FusedMHSA(nn.Module):
         qkv = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, N, H, D) strided views of the packed projection: no copy
         dropout_p = self.attn_drop if self.training else 0.0
-        seed = _draw_seed() if dropout_p > 0.0 else _NO_SEED
         causal = self.causal if causal is None else causal
-        out, _ = _attention_ops.attention(
-            q, k, v, attn_bias, key_padding_mask, causal, self.scale, dropout_p, seed, self.backend
-        )
-        return out
+        out = F.attention(q, k, v, attn_bias, key_padding_mask, causal, self.scale, dropout_p, self.backend)
+        return out.flatten(2)
 
     def forward(
         self,

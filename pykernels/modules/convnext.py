@@ -25,11 +25,9 @@ from torch import nn
 
 from pykernels import functional as PF
 from pykernels.modules.drop_path import DropPath
+from pykernels.modules.dwconv_ln import check_kernel_size, conv_reasons
 
 __all__ = ["ConvNeXtBlock", "ConvNeXtMlp", "can_convert", "unsupported_reasons"]
-
-MIN_KERNEL_SIZE, MAX_KERNEL_SIZE = 3, 13
-
 
 def _dwconv_ln_nhwc(x, weight, conv_bias, ln_weight, ln_bias, eps, backend):
     """(B, H, W, C) contiguous ``LayerNorm_C(dwconv(x))``: one fused pykernels op, forward and backward."""
@@ -120,10 +118,7 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
-        if not (MIN_KERNEL_SIZE <= kernel_size <= MAX_KERNEL_SIZE and kernel_size % 2 == 1):
-            raise ValueError(
-                f"kernel_size must be odd and in [{MIN_KERNEL_SIZE}, {MAX_KERNEL_SIZE}], got {kernel_size}"
-            )
+        check_kernel_size(kernel_size)
         hidden_dim = int(mlp_ratio * dim) if hidden_dim is None else int(hidden_dim)
         if hidden_dim <= 0:
             raise ValueError(f"the MLP's hidden width must be positive, got {hidden_dim}")
@@ -257,7 +252,7 @@ class _Parts:
     def reasons(self) -> list[str]:
         """Why this block cannot be converted (empty: it can)."""
         reasons = list(self.problems)
-        reasons += _conv_dw_reasons(self.conv_dw)
+        reasons += conv_reasons(self.conv_dw)
         dim = self.dim
         if dim is None:
             return reasons
@@ -272,29 +267,6 @@ class _Parts:
             except TypeError:
                 reasons.append(f"unknown drop-path layer {type(self.drop_path).__name__}")
         return reasons
-
-
-def _conv_dw_reasons(conv: nn.Module) -> list[str]:
-    if type(conv) is not nn.Conv2d:  # subclasses (timm's Conv2dSame, ...) pad or compute differently
-        return [f"the depthwise conv is a {type(conv).__name__}, not an nn.Conv2d"]
-    reasons = []
-    c, k = conv.in_channels, conv.kernel_size
-    if conv.out_channels != c:
-        reasons.append(f"out_chs ({conv.out_channels}) != in_chs ({c})")
-    if conv.groups != c:
-        reasons.append(f"the conv is not depthwise (groups={conv.groups}, channels={c})")
-    if k[0] != k[1] or k[0] % 2 == 0 or not MIN_KERNEL_SIZE <= k[0] <= MAX_KERNEL_SIZE:
-        reasons.append(f"kernel size {tuple(k)} is not a square odd size in {MIN_KERNEL_SIZE}..{MAX_KERNEL_SIZE}")
-    if tuple(conv.stride) != (1, 1):
-        reasons.append(f"stride {tuple(conv.stride)} (only stride 1)")
-    if tuple(conv.dilation) != (1, 1):
-        reasons.append(f"dilation {tuple(conv.dilation)} (only 1)")
-    padding = conv.padding
-    if not (padding == "same" or (not isinstance(padding, str) and tuple(padding) == (k[0] // 2, k[1] // 2))):
-        reasons.append(f"padding {padding!r} is not 'same' ({k[0] // 2})")
-    if conv.padding_mode != "zeros":
-        reasons.append(f"padding_mode={conv.padding_mode!r} (only zeros)")
-    return reasons
 
 
 _CHANNEL_LAST_NORMS = {

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pykernels import functional as F
+from pykernels.ops.drop_path import check_drop_args
 
 
 class DropPath(nn.Module):
@@ -33,7 +34,7 @@ class DropPath(nn.Module):
         backend: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        F._check_drop_args(drop_prob, mode, rng)
+        check_drop_args(drop_prob, mode, rng)
         self.drop_prob = float(drop_prob)
         self.scale_by_keep = scale_by_keep
         self.mode = mode

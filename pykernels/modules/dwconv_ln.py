@@ -10,17 +10,45 @@ from torch import nn
 from pykernels import functional as F
 from pykernels.ops import dwconv_ln as _ops
 
-__all__ = ["DWConvLayerNorm"]
+__all__ = ["DWConvLayerNorm", "check_kernel_size", "conv_reasons"]
 
 _CHANNELS_FIRST_NORMS = ("LayerNorm2d", "LayerNormChannelsFirst")
 
 
-def _check_kernel_size(kernel_size: int) -> None:
-    if kernel_size not in _ops.SUPPORTED_KERNEL_SIZES:
-        raise ValueError(
-            f"kernel_size {kernel_size} not supported: DWConvLayerNorm takes odd kernel sizes 3..13 "
-            f"({', '.join(map(str, _ops.SUPPORTED_KERNEL_SIZES))}; stride 1, 'same' zero padding)"
+def check_kernel_size(kernel_size: int) -> None:
+    reasons = _ops.kernel_size_reasons(kernel_size)
+    if reasons:
+        raise ValueError(f"kernel_size={kernel_size}: {reasons[0]}")
+
+
+def conv_reasons(conv: nn.Module) -> list[str]:
+    """Why the fused op cannot compute ``conv`` as its depthwise conv (empty: it can): a plain ``nn.Conv2d`` (its
+    subclasses, e.g. timm's ``Conv2dSame``, pad or compute differently) with ``groups == in_channels ==
+    out_channels``, a square kernel of a supported size, stride 1, dilation 1, padding ``k // 2`` (or ``"same"``)
+    and zero padding."""
+    if type(conv) is not nn.Conv2d:
+        return [f"the depthwise conv is a {type(conv).__name__}, not an nn.Conv2d"]
+    problems = []
+    dim, k = conv.in_channels, conv.kernel_size
+    if not (conv.groups == dim == conv.out_channels):
+        problems.append(
+            f"not depthwise (in_channels={conv.in_channels}, out_channels={conv.out_channels}, "
+            f"groups={conv.groups}; need all equal)"
         )
+    if k[0] != k[1]:
+        problems.append(f"kernel {tuple(k)} is not square")
+    else:
+        problems += _ops.kernel_size_reasons(k[0])
+    if tuple(conv.stride) != (1, 1):
+        problems.append(f"stride {tuple(conv.stride)} (need 1)")
+    if tuple(conv.dilation) != (1, 1):
+        problems.append(f"dilation {tuple(conv.dilation)} (need 1)")
+    padding = conv.padding
+    if padding != "same" and (isinstance(padding, str) or tuple(padding) != (k[0] // 2, k[1] // 2)):
+        problems.append(f"padding {padding!r} (need k // 2 = {k[0] // 2}, 'same')")
+    if conv.padding_mode != "zeros":
+        problems.append(f"padding_mode {conv.padding_mode!r} (need 'zeros')")
+    return problems
 
 
 class DWConvLayerNorm(nn.Module):
@@ -60,7 +88,7 @@ class DWConvLayerNorm(nn.Module):
         super().__init__()
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
-        _check_kernel_size(kernel_size)
+        check_kernel_size(kernel_size)
         if out_layout not in ("nhwc", "nchw"):
             raise ValueError(f"out_layout must be 'nhwc' or 'nchw', got {out_layout!r}")
         factory = dict(device=device, dtype=dtype)
@@ -115,25 +143,7 @@ class DWConvLayerNorm(nn.Module):
             raise TypeError(f"conv must be an nn.Conv2d (depthwise), got {type(conv).__module__}.{type(conv).__name__}")
         dim = conv.in_channels
         k = conv.kernel_size
-        problems = []
-        if not (conv.groups == dim == conv.out_channels):
-            problems.append(
-                f"not depthwise (in_channels={conv.in_channels}, out_channels={conv.out_channels}, "
-                f"groups={conv.groups}; need all equal)"
-            )
-        if k[0] != k[1]:
-            problems.append(f"kernel {tuple(k)} is not square")
-        elif k[0] not in _ops.SUPPORTED_KERNEL_SIZES:
-            problems.append(f"kernel size {k[0]} (supported: odd 3..13)")
-        if tuple(conv.stride) != (1, 1):
-            problems.append(f"stride {tuple(conv.stride)} (need 1)")
-        if tuple(conv.dilation) != (1, 1):
-            problems.append(f"dilation {tuple(conv.dilation)} (need 1)")
-        padding = conv.padding
-        if padding != "same" and tuple(padding) != (k[0] // 2, k[1] // 2):
-            problems.append(f"padding {padding!r} (need k // 2 = {k[0] // 2}, 'same')")
-        if conv.padding_mode != "zeros":
-            problems.append(f"padding_mode {conv.padding_mode!r} (need 'zeros')")
+        problems = conv_reasons(conv)
         if problems:
             raise ValueError("DWConvLayerNorm.from_module: unsupported conv: " + "; ".join(problems))
 

@@ -1,4 +1,4 @@
-"""Layout rules shared by every pykernels op (so each backend sees the same, kernel-friendly tensors).
+"""Layout and output rules shared by every pykernels op (so each backend sees the same, kernel-friendly tensors).
 
 Kernels see a tensor as B rows (dim 0 = batch): element ``r`` of sample ``b`` lives at ``ptr + b * stride(0) + r``,
 ``r`` running over a dense row in the tensor's own dim order - NCHW, channels-last and (B, N, C) tokens all
@@ -7,6 +7,8 @@ the compiled kernels and the Triton launchers agree on output strides.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -48,3 +50,27 @@ def conform_rows(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if shares_row_strides(t, ref):
         return t
     return torch.empty_like(ref, dtype=t.dtype).copy_(t)
+
+
+def distinct(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+    """``outputs`` with each one that shares storage with an input or an earlier output, or is a slice of a larger
+    buffer, cloned: custom-op outputs may not alias, and their strides / offsets must match the fake's. A launcher
+    may hand back views of one buffer (e.g. three (C,) sums of one (3, C) tensor); for kernels that keep the contract
+    this is a no-op."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    seen_empty = {id(t) for t in inputs if t is not None and not t.numel()}
+    result = []
+    for t in outputs:
+        if not t.numel():  # a (0,) placeholder handed out twice (e.g. ``[empty] * 4``) is an alias too
+            if id(t) in seen_empty:
+                t = t.new_empty(t.shape)
+            seen_empty.add(id(t))
+        else:
+            ptr = t.untyped_storage().data_ptr()
+            part_of_a_buffer = t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size()
+            if ptr in seen or part_of_a_buffer:
+                t = t.clone(memory_format=torch.preserve_format)
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        result.append(t)
+    return tuple(result)

@@ -17,19 +17,13 @@ Backends (see :mod:`pykernels.backends`):
   a bias gradient). The automatic choice on CUDA (sm_80+); on CPU only when chosen explicitly under
   ``TRITON_INTERPRET=1``. Dropout: Philox stream seeded by ``seed``, regenerated in backward.
 
-``seed`` is a one-element int64 tensor (read inside the op): a module draws it with ``torch.randint`` from torch's
-generator, which ``torch.compile(fullgraph=True)`` traces without the graph break an ``int`` (``.item()``) would cause.
-* ``torch`` - ATen's attention kernels on (B, H, N, D) views (no copies), bias and padding mask combined into one
-  additive ``attn_mask``:
-  - CPU, float32 / float16 / bfloat16, no dropout: ``aten._scaled_dot_product_flash_attention_for_cpu`` (the kernel
-    behind ``F.scaled_dot_product_attention`` on CPU, i.e. timm's path), which returns the logsumexp, and its fused
-    backward - except for a bias gradient, which takes the explicit path below.
-  - otherwise (CUDA fallback, float64, dropout): ``F.scaled_dot_product_attention`` forward, ``lse`` computed in
-    float32 in query chunks (never stored), and an explicit float32 backward (P recomputed; an Nq x Nk temporary,
-    never saved). With ``dropout_p > 0`` the forward is explicit math too, with a keep mask drawn from a
-    ``torch.Generator`` seeded by ``seed`` (so the op is a pure function of its inputs and the backward regenerates
-    the same mask); its dropout stream differs from Triton's.
-  Query rows whose keys are all masked give 0 (as the Triton kernel), not NaN.
+``seed`` is a one-element int64 tensor (read inside the op): :func:`pykernels.functional.attention` draws it with
+``torch.randint`` from torch's generator, which ``torch.compile(fullgraph=True)`` traces without the graph break an
+``int`` (``.item()``) would cause.
+
+* ``torch`` - ``pykernels.reference.attention``: ATen's attention kernels (on CPU the fused flash kernel behind
+  ``F.scaled_dot_product_attention``, with its fused backward); float64, dropout and a bias gradient take an
+  explicit-math path. Query rows whose keys are all masked give 0 (as the Triton kernel), not NaN.
 
 Autograd saves q, k, v, out, lse (and bias / key_padding_mask when given): nothing of size Nq x Nk.
 """
@@ -39,21 +33,72 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pykernels import backends
 
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # = triton_kernels.attention's (Triton may be missing)
+# the Triton kernel's head dims (padded to a power-of-two tile inside the kernel) and its float32 limit (wider float32
+# tiles spill registers on sm_80 / sm_90: found by the AOT gate)
+SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)
 FP32_MAX_HEAD_DIM = 64
-_LSE_CHUNK_ELEMENTS = 1 << 22  # the torch backend's lse: scores computed in query chunks of at most this many
+
+# ---- argument rules ------------------------------------------------------------------------------------------------
+
+
+def check_args(q, k, v, bias, key_padding_mask, dropout_p) -> None:
+    """Raise TypeError / ValueError, saying what is supported, unless the arguments are a call attention computes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, N, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, n_q, heads, head_dim = q.shape
+    n_k = k.shape[1]
+    if k.shape != (batch, n_k, heads, head_dim) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be (B, Nk, H, D) = ({batch}, Nk, {heads}, {head_dim}); "
+            f"got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one floating-point dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise ValueError(f"bias must be a floating-point tensor (additive); got {bias.dtype}")
+        try:
+            if bias.dim() > 4:
+                raise RuntimeError
+            torch.broadcast_shapes(bias.shape, (batch, heads, n_q, n_k))
+        except RuntimeError as e:
+            raise ValueError(
+                f"bias {tuple(bias.shape)} is not broadcastable to (B, H, Nq, Nk) = {(batch, heads, n_q, n_k)}"
+            ) from e
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (batch, n_k) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                f"key_padding_mask must be a (B, Nk) = ({batch}, {n_k}) bool tensor (True = ignore the key); got "
+                f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}"
+            )
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+
+
+# ---- backends ------------------------------------------------------------------------------------------------------
+
+
+def head_dim_reasons(head_dim: int) -> list[str]:
+    """Why the Triton kernel cannot take ``head_dim`` (empty: it can)."""
+    if head_dim in SUPPORTED_HEAD_DIMS:
+        return []
+    return [
+        f"head dim {head_dim} not supported by the Triton attention kernel "
+        f"(supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+    ]
 
 
 def _triton_check(head_dim: int | None = None, dtypes=(), **_) -> list[str]:
-    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
-        return [
-            f"head dim {head_dim} not supported by the Triton attention kernel "
-            f"(supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
-        ]
+    if head_dim is not None and head_dim_reasons(head_dim):
+        return head_dim_reasons(head_dim)
     if head_dim is not None and head_dim > FP32_MAX_HEAD_DIM and torch.float32 in dtypes:
         return [
             f"float32 at head dim {head_dim}: the Triton kernel takes float32 up to head dim {FP32_MAX_HEAD_DIM} "
@@ -86,154 +131,6 @@ def select_backend(q: torch.Tensor, *others: torch.Tensor | None, backend: str |
     return OP.select(q.device, dtypes, backend, head_dim=int(q.shape[-1]))
 
 
-# ---- the torch backend ---------------------------------------------------------------------------------------------
-
-
-def _additive_mask(bias, key_padding_mask, dtype, batch, n_k):
-    """bias (broadcastable to (B, H, Nq, Nk)) + -inf where key_padding_mask: one SDPA attn_mask, or None."""
-    mask = None
-    if bias is not None:
-        mask = bias.to(dtype)
-    if key_padding_mask is not None:
-        pad = torch.zeros((batch, 1, 1, n_k), dtype=dtype, device=key_padding_mask.device)
-        pad = pad.masked_fill(key_padding_mask.view(batch, 1, 1, n_k), float("-inf"))
-        mask = pad if mask is None else mask + pad
-    return mask
-
-
-_CPU_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _cpu_flash(q, dropout_p) -> bool:
-    """Whether the torch backend runs ATen's fused CPU flash-attention kernel (it returns the logsumexp itself and has
-    a fused backward): CPU tensors of these dtypes, no dropout (the kernel's own dropout is not reproducible in
-    backward). float64 (gradcheck) and dropout take the explicit-math path."""
-    return q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES and dropout_p == 0.0
-
-
-def _sdpa_mask(bias, key_padding_mask, causal, dtype, batch, n_q, n_k):
-    """(attn_mask 4-D or None, is_causal) for ATen's attention kernels: bias + padding folded into one additive mask,
-    and the causal (top-left) mask folded into it too when there is one."""
-    mask = _additive_mask(bias, key_padding_mask, dtype, batch, n_k)
-    if mask is None:
-        return None, causal
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if causal:
-        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=mask.device).tril()
-        mask = mask.masked_fill(~tril, float("-inf"))
-    return mask, False
-
-
-def _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale):
-    """(out (B, Nq, H*D), lse (B, H, Nq) fp32) from ``aten._scaled_dot_product_flash_attention_for_cpu`` on
-    (B, H, N, D) views; its output is (B, N, H, D) in memory, so the reshape to (B, Nq, H*D) is free."""
-    batch, n_q, heads, head_dim = q.shape
-    mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale
-    )
-    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim), lse
-
-
-def _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale):
-    """(dq, dk, dv) as (B, N, H, D) from ATen's fused CPU flash-attention backward (P recomputed from lse)."""
-    batch, n_q, heads, head_dim = q.shape
-    mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    g, o = (t.reshape(batch, n_q, heads, head_dim).transpose(1, 2) for t in (grad_out.to(q.dtype), out))
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g, qt, kt, vt, o, lse, 0.0, is_causal, attn_mask=mask, scale=scale
-    )
-    return tuple(t.transpose(1, 2) for t in grads)
-
-
-def _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed):
-    """out (B, Nq, H*D) of the torch backend; differentiable (the backward re-runs it under autograd)."""
-    batch, n_q, heads, head_dim = q.shape
-    n_k = k.shape[1]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-    mask = _additive_mask(bias, key_padding_mask, q.dtype, batch, n_k)
-    if dropout_p > 0.0:
-        # explicit math with a keep mask from a generator seeded by ``seed``: reproducible in backward
-        probs = _probs(q, k, bias, key_padding_mask, causal, scale)
-        gen = torch.Generator(device=q.device).manual_seed(int(seed))
-        keep = torch.rand(probs.shape, generator=gen, device=q.device) >= dropout_p
-        probs = probs * keep / (1.0 - dropout_p)
-        out = torch.matmul(probs.to(q.dtype), vt)
-    else:
-        if mask is not None and causal:  # SDPA takes one or the other: fold the causal mask into attn_mask
-            tril = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
-            mask = mask.masked_fill(~tril, float("-inf"))
-            causal = False
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale)
-        if key_padding_mask is not None or bias is not None:
-            out = out.nan_to_num(0.0)  # rows with every key masked: 0, as the Triton kernel
-    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim)
-
-
-@torch.no_grad()
-def _torch_lse(q, k, bias, key_padding_mask, causal, scale):
-    """(B, H, Nq) float32 logsumexp of the masked scores, in query chunks (no Nq x Nk tensor kept)."""
-    batch, n_q, heads, _ = q.shape
-    n_k = k.shape[1]
-    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device)
-    kt = k.transpose(1, 2).float()
-    mask = _additive_mask(bias, key_padding_mask, torch.float32, batch, n_k)
-    chunk = max(1, _LSE_CHUNK_ELEMENTS // max(1, batch * heads * n_k))
-    for start in range(0, n_q, chunk):
-        stop = min(n_q, start + chunk)
-        scores = torch.matmul(q[:, start:stop].transpose(1, 2).float(), kt.transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores + mask.expand(batch, heads, n_q, n_k)[:, :, start:stop]
-        if causal:
-            rows = torch.arange(start, stop, device=q.device)[:, None]
-            scores = scores.masked_fill(torch.arange(n_k, device=q.device)[None, :] > rows, float("-inf"))
-        lse[:, :, start:stop] = torch.logsumexp(scores, dim=-1)
-    return lse
-
-
-def _probs(q, k, bias, key_padding_mask, causal, scale):
-    """(B, H, Nq, Nk) float32 attention probabilities (fully masked rows 0) - the torch backend's backward only."""
-    batch, n_q = q.shape[:2]
-    n_k = k.shape[1]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(q.transpose(1, 2).to(compute), k.transpose(1, 2).to(compute).transpose(-1, -2)) * scale
-    mask = _additive_mask(bias, key_padding_mask, compute, batch, n_k)
-    if mask is not None:
-        scores = scores + mask
-    if causal:
-        tril = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~tril, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
-
-
-def _torch_backward(grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias):
-    """(dq, dk, dv, dbias|None) of the torch backend, explicit math: P recomputed, dropout mask regenerated.
-
-    (Autograd cannot be re-entered inside a custom op's implementation, which runs below the autograd key.)
-    """
-    batch, n_q, heads, head_dim = q.shape
-    probs = _probs(q, k, bias, key_padding_mask, causal, scale)
-    compute = probs.dtype
-    d_out = grad_out.reshape(batch, n_q, heads, head_dim).transpose(1, 2).to(compute)  # (B, H, Nq, D)
-    vt = v.transpose(1, 2).to(compute)
-    if dropout_p > 0.0:
-        gen = torch.Generator(device=q.device).manual_seed(int(seed))
-        keep = torch.rand(probs.shape, generator=gen, device=q.device) >= dropout_p
-        dropped = probs * keep / (1.0 - dropout_p)
-        d_probs = torch.matmul(d_out, vt.transpose(-1, -2)) * keep / (1.0 - dropout_p)
-    else:
-        dropped = probs
-        d_probs = torch.matmul(d_out, vt.transpose(-1, -2))
-    dv = torch.matmul(dropped.transpose(-1, -2), d_out)
-    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
-    dq = torch.matmul(d_scores, k.transpose(1, 2).to(compute)) * scale
-    dk = torch.matmul(d_scores.transpose(-1, -2), q.transpose(1, 2).to(compute)) * scale
-    dbias = d_scores.sum_to_size(bias.shape) if need_grad_bias else None
-    return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv)) + (dbias,)
-
-
 # ---- pykernels::attention ------------------------------------------------------------------------------------------
 
 
@@ -251,42 +148,28 @@ def attention(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Nq, H*D), lse (B, H, Nq) fp32) of multi-head attention; see the module docstring."""
-    seed = int(seed)
-    name = select_backend(q, k, v, backend=backend)
-    if name == "triton":
-        from pykernels.triton_kernels import attention as triton_attention
-
-        return triton_attention.attention_fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
-    if _cpu_flash(q, dropout_p):
-        out, lse = _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale)
-        return out.contiguous(), lse.contiguous()
-    out = _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
-    return out.contiguous(), _torch_lse(q, k, bias, key_padding_mask, causal, scale)
+    fwd, _ = OP.kernels(select_backend(q, k, v, backend=backend))
+    return fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, int(seed))
 
 
-@attention.register_fake
-def _attention_fake(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
+def _fwd_fake(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
     batch, n_q, heads, head_dim = q.shape
     out = q.new_empty((batch, n_q, heads * head_dim))
     lse = q.new_empty((batch, heads, n_q), dtype=torch.float32)
     return out, lse
 
 
-def _attention_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    # an explicit choice (argument, use_backend() block, PYKERNELS_BACKEND) is fixed now, so backward outside a
-    # use_backend() block runs on the forward's backend; the automatic choice is made again in backward (same inputs,
-    # same answer). Not the resolved name: torch.compile bakes this string into the backward graph, and its on-disk
-    # caches could replay it in a process where other backends are available.
-    ctx.backend = backends.requested_backend(backend)
+    ctx.backend = backends.requested_backend(backend)  # the explicit choice in force now (docs/adding-an-op.md)
     ctx.need_grad_bias = bias is not None and ctx.needs_input_grad[3]
     ctx.args = (causal, scale, dropout_p, seed)
     ctx.save_for_backward(q, k, v, out, lse, bias, key_padding_mask)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias, key_padding_mask = ctx.saved_tensors
     causal, scale, dropout_p, seed = ctx.args
     dq, dk, dv, dbias = attention_backward(
@@ -296,7 +179,8 @@ def _attention_backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, (dbias if ctx.need_grad_bias else None), None, None, None, None, None, None
 
 
-attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+attention.register_fake(_fwd_fake)
+attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- pykernels::attention_backward ---------------------------------------------------------------------------------
@@ -320,22 +204,11 @@ def attention_backward(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) of :func:`attention`; contiguous; dbias is (0,) unless ``need_grad_bias`` and bias."""
-    seed = int(seed)
     need_grad_bias = need_grad_bias and bias is not None
-    name = select_backend(q, k, v, backend=backend)
-    if name == "triton":
-        from pykernels.triton_kernels import attention as triton_attention
-
-        dq, dk, dv, dbias = triton_attention.attention_bwd(
-            grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias
-        )
-    elif _cpu_flash(q, dropout_p) and not need_grad_bias:
-        dq, dk, dv = _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale)
-        dbias = None
-    else:
-        dq, dk, dv, dbias = _torch_backward(
-            grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias
-        )
+    _, bwd = OP.kernels(select_backend(q, k, v, backend=backend))
+    dq, dk, dv, dbias = bwd(
+        grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, int(seed), need_grad_bias
+    )
     # contiguous outputs (the Triton launcher hands back three slices of one packed buffer for packed q, k, v:
     # custom-op outputs must not alias each other, and their strides must match the fake's). Costs one copy of
     # dq/dk/dv in that case; autograd's unbind backward stacks them into the qkv gradient anyway.
@@ -347,8 +220,7 @@ def attention_backward(
     return dq, dk, dv, dbias
 
 
-@attention_backward.register_fake
-def _attention_backward_fake(
+def _bwd_fake(
     grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias, backend=None
 ):
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
@@ -357,3 +229,6 @@ def _attention_backward_fake(
     else:
         dbias = q.new_empty((0,))
     return dq, dk, dv, dbias
+
+
+attention_backward.register_fake(_bwd_fake)

@@ -8,13 +8,10 @@ Ops (namespace ``pykernels``):
 * ``drop_path_add_backward(grad_out, branch, scale?, gamma, channel_dim, need_grad_branch, backend?)
   -> (grad_branch, grad_gamma)`` - its backward when ``gamma`` needs a gradient (one fused pass). Without a
   gamma gradient, ``grad_branch`` is the forward op itself applied to ``grad_out``.
-* ``drop_path_add_fwd`` / ``drop_path_add_bwd`` - the compiled C++/CUDA kernels (schemas in csrc/ops.cpp),
-  given fake implementations here so that they pass ``torch.library.opcheck`` too.
+* ``drop_path_add_fwd`` / ``drop_path_add_bwd`` - the kernels of every backend (compiled schemas in csrc/ops.cpp).
 
-Both public ops are Python custom ops with fake implementations, so ``torch.compile(fullgraph=True)`` sees one
-opaque node per op; the backend is chosen inside the op, when it runs (see :mod:`pykernels.backends`).
 The mask is not stored: backward keeps ``scale`` (B values), ``gamma`` (C values) and, only when gamma needs a
-gradient, ``branch``.
+gradient, ``branch``. The argument rules (what :func:`pykernels.functional.drop_path_add` accepts) are here, once.
 """
 
 from __future__ import annotations
@@ -23,10 +20,59 @@ from collections.abc import Sequence
 
 import torch
 
-from pykernels import backends, reference
+from pykernels import backends
+from pykernels._dtypes import promote_dtypes
 from pykernels.ops._layout import as_dense_rows, conform_rows
 
-# ---- backends ----------------------------------------------------------------------------------------------------
+# ---- argument rules ------------------------------------------------------------------------------------------------
+
+MODES = ("row", "batch")
+RNGS = ("bernoulli", "uniform")
+
+
+def check_drop_args(drop_prob: float, mode: str = "row", rng: str = "bernoulli") -> None:
+    """Raise ValueError unless ``drop_prob`` in [0, 1], ``mode`` in :data:`MODES` and ``rng`` in :data:`RNGS`."""
+    if not 0.0 <= float(drop_prob) <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'row' (one draw per sample) or 'batch' (one draw per batch), got {mode!r}")
+    if rng not in RNGS:
+        raise ValueError(f"rng must be 'bernoulli' (timm, torchvision) or 'uniform' (Hugging Face), got {rng!r}")
+
+
+def check_tensor(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Raise unless ``t`` is a floating-point tensor (on ``like``'s device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but branch is on {like.device}; put them on one device")
+
+
+def channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
+    """The dim of ``branch`` that a per-channel ``gamma`` scales, by broadcasting rules: (C,) -> last dim,
+    (C, 1, 1) or (1, C, 1, 1) -> dim -3 (NCHW). Raises ValueError for any other gamma."""
+    if gamma.numel() == 1 and 1 <= branch.dim() - gamma.dim() and branch.shape[branch.dim() - gamma.dim()] == 1:
+        return branch.dim() - gamma.dim()  # C = 1: (1, 1, 1) is NCHW's (C, 1, 1), not a per-W scale
+    shape = list(gamma.shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape.pop(0)
+    trailing = 0
+    while len(shape) > 1 and shape[-1] == 1:
+        shape.pop()
+        trailing += 1
+    dim = branch.dim() - 1 - trailing
+    if len(shape) != 1 or dim < 1 or branch.shape[dim] != shape[0]:
+        raise ValueError(
+            f"gamma must be a per-channel layer-scale that broadcasts over one non-batch dim of branch: (C,) for "
+            f"channels-last or (B, N, C) tokens, (C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} for branch "
+            f"{tuple(branch.shape)}"
+        )
+    return dim
+
+
+# ---- backends ------------------------------------------------------------------------------------------------------
 
 
 def _native_dtype_check(dtypes: Sequence[torch.dtype], **_) -> list[str]:
@@ -38,17 +84,11 @@ def _native_dtype_check(dtypes: Sequence[torch.dtype], **_) -> list[str]:
 OP = backends.register_op(
     backends.Op(
         name="drop_path_add",
+        stem="drop_path",
         specs={
             "triton": backends.KernelSpec(devices=frozenset({"cuda", "cpu"}), min_capability=(7, 0)),
-            "cuda": backends.KernelSpec(
-                devices=frozenset({"cuda"}),
-                min_capability=(8, 0),
-                compiled_op="drop_path_add_fwd",
-                check=_native_dtype_check,
-            ),
-            "cpp": backends.KernelSpec(
-                devices=frozenset({"cpu"}), compiled_op="drop_path_add_fwd", check=_native_dtype_check
-            ),
+            "cuda": backends.KernelSpec(devices=frozenset({"cuda"}), min_capability=(8, 0), check=_native_dtype_check),
+            "cpp": backends.KernelSpec(devices=frozenset({"cpu"}), check=_native_dtype_check),
             "torch": backends.KernelSpec(devices=frozenset({"cpu", "cuda"})),
         },
         gpu_priority=("triton", "cuda", "torch"),
@@ -57,23 +97,16 @@ OP = backends.register_op(
 )
 
 
-def _kernels(backend: str):
-    """(fwd, bwd) callables of a backend, all with the signatures of the compiled ops."""
-    if backend == "triton":
-        from pykernels.triton_kernels import drop_path as triton_drop_path
-
-        return triton_drop_path.drop_path_add_fwd, triton_drop_path.drop_path_add_bwd
-    if backend in ("cpp", "cuda"):
-        return torch.ops.pykernels.drop_path_add_fwd.default, torch.ops.pykernels.drop_path_add_bwd.default
-    return reference.drop_path_add_fwd, reference.drop_path_add_bwd
-
-
 def select_backend(
     branch: torch.Tensor, *others: torch.Tensor | None, out_dtype: torch.dtype | None = None, backend: str | None = None
 ) -> str:
     """The backend that runs drop_path_add on these tensors (explicit choice checked, else automatic)."""
     dtypes = [branch.dtype] + [t.dtype for t in others if t is not None] + ([out_dtype] if out_dtype else [])
     return OP.select(branch.device, dtypes, backend)
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 # ---- pykernels::drop_path_add (forward, autograd) ---------------------------------------------------------------
@@ -90,26 +123,19 @@ def drop_path_add(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``residual + (branch * gamma[c]) * scale[b]``; see :func:`pykernels.functional.drop_path_add`."""
-    out_dtype = out_dtype or reference.promote_dtypes(branch, gamma, residual)
-    name = select_backend(branch, residual, gamma, out_dtype=out_dtype, backend=backend)
+    out_dtype = out_dtype or promote_dtypes(branch, gamma, residual)
+    fwd, _ = OP.kernels(select_backend(branch, residual, gamma, out_dtype=out_dtype, backend=backend))
     branch = as_dense_rows(branch)
-    if residual is not None:
-        residual = conform_rows(residual, branch)
-    if scale is not None:
-        scale = scale.contiguous()
-    if gamma is not None:
-        gamma = gamma.contiguous()
-    fwd, _ = _kernels(name)
-    return fwd(residual, branch, scale, gamma, channel_dim, out_dtype)
+    residual = None if residual is None else conform_rows(residual, branch)
+    return fwd(residual, branch, _contiguous(scale), _contiguous(gamma), channel_dim, out_dtype)
 
 
-@drop_path_add.register_fake
-def _drop_path_add_fake(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None):
-    out_dtype = out_dtype or reference.promote_dtypes(branch, gamma, residual)
+def _fwd_fake(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None):
+    out_dtype = out_dtype or promote_dtypes(branch, gamma, residual)
     return torch.empty_like(as_dense_rows(branch), dtype=out_dtype)
 
 
-def _drop_path_add_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     residual, branch, scale, gamma, channel_dim, out_dtype, backend = inputs
     ctx.need_grad_residual = residual is not None and ctx.needs_input_grad[0]
     ctx.need_grad_branch = ctx.needs_input_grad[1]
@@ -117,12 +143,12 @@ def _drop_path_add_setup_context(ctx, inputs, output):
     # what backward needs: B scale values, C gamma values, and branch only for gamma's gradient
     ctx.save_for_backward(scale, gamma, branch if ctx.need_grad_gamma else None)
     ctx.channel_dim = channel_dim
-    ctx.backend = backend
+    ctx.backend = backends.requested_backend(backend)  # the explicit choice in force now (docs/adding-an-op.md)
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.branch_dtype = branch.dtype
 
 
-def _drop_path_add_backward(ctx, grad):
+def _backward(ctx, grad):
     scale, gamma, branch = ctx.saved_tensors
     grad_residual = grad_branch = grad_gamma = None
     if ctx.need_grad_residual:
@@ -139,7 +165,8 @@ def _drop_path_add_backward(ctx, grad):
     return grad_residual, grad_branch, None, grad_gamma, None, None, None
 
 
-drop_path_add.register_autograd(_drop_path_add_backward, setup_context=_drop_path_add_setup_context)
+drop_path_add.register_fake(_fwd_fake)
+drop_path_add.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- pykernels::drop_path_add_backward --------------------------------------------------------------------------
@@ -156,17 +183,13 @@ def drop_path_add_backward(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_branch, grad_gamma) of ``drop_path_add``; grad_branch is an empty (0,) tensor unless need_grad_branch."""
-    name = select_backend(grad_out, branch, gamma, backend=backend)
+    _, bwd = OP.kernels(select_backend(grad_out, branch, gamma, backend=backend))
     grad_out = as_dense_rows(grad_out)
     branch = conform_rows(branch, grad_out)
-    if scale is not None:
-        scale = scale.contiguous()
-    _, bwd = _kernels(name)
-    return bwd(grad_out, branch, scale, gamma.contiguous(), channel_dim, need_grad_branch)
+    return bwd(grad_out, branch, _contiguous(scale), gamma.contiguous(), channel_dim, need_grad_branch)
 
 
-@drop_path_add_backward.register_fake
-def _drop_path_add_backward_fake(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend=None):
+def _bwd_fake(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend=None):
     if need_grad_branch:
         grad_branch = torch.empty_like(as_dense_rows(grad_out), dtype=branch.dtype)
     else:
@@ -174,25 +197,5 @@ def _drop_path_add_backward_fake(grad_out, branch, scale, gamma, channel_dim, ne
     return grad_branch, gamma.new_empty((gamma.numel(),))
 
 
-# ---- fake implementations of the compiled kernels (their schemas live in csrc/ops.cpp) --------------------------
-
-
-def _register_compiled_fakes() -> None:
-    if not backends.extension_status()[0]:
-        return
-
-    @torch.library.register_fake("pykernels::drop_path_add_fwd")
-    def _fwd_fake(residual, branch, scale, gamma, channel_dim, out_dtype=None):
-        out_dtype = out_dtype or reference.promote_dtypes(branch, gamma, residual)
-        return torch.empty_like(branch, dtype=out_dtype)
-
-    @torch.library.register_fake("pykernels::drop_path_add_bwd")
-    def _bwd_fake(grad_out, branch, scale, gamma, channel_dim, need_grad_branch):
-        if need_grad_branch:
-            grad_branch = torch.empty_like(grad_out, dtype=branch.dtype)
-        else:
-            grad_branch = grad_out.new_empty((0,), dtype=branch.dtype)
-        return grad_branch, gamma.new_empty((gamma.numel(),))
-
-
-_register_compiled_fakes()
+drop_path_add_backward.register_fake(_bwd_fake)
+OP.register_compiled_fakes(_fwd_fake, _bwd_fake)

@@ -52,53 +52,83 @@ inline bool is_reduced_or_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
 }
 
-inline void check_same_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
-              "; all tensors must be on the same device");
+// torch's Python name of a dtype ("float32"), so that messages read as pykernels/ops/dwconv_ln.py's.
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: return c10::toString(t);
+  }
 }
 
-// x: 4-d, float16 / bfloat16 / float32 (and float64 when allow_double), NCHW- or channels_last-contiguous.
+// The argument rules below are pykernels/ops/dwconv_ln.py's check_args, in the same order and with the same
+// messages (after this op's "dwconv_ln_fwd: " prefix): tests/test_dwconv_ln.py::test_compiled_and_python_rules_agree
+// proves it. Layout rules (contiguity) are the compiled side's own: the Python op hands over contiguous tensors.
+
+inline void check_same_device(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; put them on one device");
+}
+
+// x: 4-d, float16 / bfloat16 / float32 (and float64 when allow_double), at least one channel, NCHW- or
+// channels_last-contiguous.
 inline void check_x(const char* op, const at::Tensor& x, bool allow_double) {
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-d (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D (B, C, H, W) tensor (NCHW or channels_last), got shape ",
+              x.sizes());
   TORCH_CHECK(is_reduced_or_float(x.scalar_type()) || (allow_double && x.scalar_type() == at::kDouble), op,
-              ": unsupported x dtype ", x.scalar_type(), "; supported are float16, bfloat16, float32",
-              allow_double ? " and float64" : " (float64 only on the CPU)");
-  TORCH_CHECK(x.size(1) >= 1, op, ": x must have at least one channel, got shape ", x.sizes());
+              ": x must be float16, bfloat16, float32", allow_double ? " or float64" : " (float64 only on the CPU)",
+              ", got ", dtype_name(x.scalar_type()));
+  TORCH_CHECK(x.size(1) >= 1, op, ": x has 0 channels: LayerNorm over channels needs C >= 1");
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x (sizes ", x.sizes(),
               ", strides ", x.strides(),
               ") must be NCHW-contiguous or channels_last-contiguous (call .contiguous() or "
               ".contiguous(memory_format=torch.channels_last))");
 }
 
-// weight (C, 1, k, k) contiguous, k odd in 3..13, dtype x's or float32 (float64 x: float64).
+// Each parameter is x's dtype or float32; float64 x takes float64 parameters.
 inline void check_param_dtype(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
   const at::ScalarType xt = x.scalar_type();
-  const bool ok = xt == at::kDouble ? t.scalar_type() == at::kDouble
-                                    : (t.scalar_type() == xt || t.scalar_type() == at::kFloat);
-  TORCH_CHECK(ok, op, ": ", name, " has dtype ", t.scalar_type(), " but x is ", xt, "; each parameter must have x's dtype",
-              xt == at::kDouble ? " (float64)" : " or float32");
+  const bool ok = t.scalar_type() == xt || (t.scalar_type() == at::kFloat && xt != at::kDouble);
+  TORCH_CHECK(ok, op, ": ", name, " is ", dtype_name(t.scalar_type()), " but x is ", dtype_name(xt),
+              ": each parameter must be x's dtype or float32 (float32 parameters with bfloat16 / float16 "
+              "activations; float64 x needs float64 parameters); cast one of them");
 }
 
+// weight (C, 1, k, k) contiguous, k odd in 3..13.
 inline void check_weight(const char* op, const at::Tensor& weight, const at::Tensor& x) {
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == weight.size(3), op,
+              ": weight must be a depthwise conv weight of shape (C, 1, k, k) (nn.Conv2d(C, C, k, groups=C).weight), "
+              "got ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(0) == channels, op, ": weight has ", weight.size(0), " channels but x has C = ", channels,
+              " (x.shape[1]); a depthwise conv weight is (C, 1, k, k)");
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k % 2 == 1 && k >= kMinKernel && k <= kMaxKernel, op, ": kernel size ", k,
+              " not supported: dwconv_ln takes odd k from 3 to 13 (3, 5, 7, 9, 11, 13; stride 1, 'same' zero padding "
+              "k // 2)");
   check_same_device(op, weight, "weight", x);
   check_param_dtype(op, weight, "weight", x);
-  const int64_t channels = x.size(1);
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == channels && weight.size(1) == 1 &&
-                  weight.size(2) == weight.size(3),
-              op, ": weight must have shape (C, 1, k, k) with C = ", channels, ", got ", weight.sizes());
-  const int64_t k = weight.size(2);
-  TORCH_CHECK(k % 2 == 1 && k >= kMinKernel && k <= kMaxKernel, op, ": kernel size k must be odd in [", kMinKernel,
-              ", ", kMaxKernel, "], got ", k);
   TORCH_CHECK(weight.is_contiguous(), op, ": weight (strides ", weight.strides(), ") must be contiguous");
 }
 
 inline void check_vector_param(const char* op, const c10::optional<at::Tensor>& t, const char* name,
                                const at::Tensor& x) {
   if (!t.has_value()) return;
-  check_same_device(op, *t, name, x);
-  check_param_dtype(op, *t, name, x);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (", x.size(1),
               ",), got ", t->sizes());
+  check_same_device(op, *t, name, x);
+  check_param_dtype(op, *t, name, x);
 }
 
 inline Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight) {
@@ -135,7 +165,7 @@ inline Geometry check_fwd_args(const at::Tensor& x, const at::Tensor& weight, co
   check_vector_param(op, conv_bias, "conv_bias", x);
   check_vector_param(op, ln_weight, "ln_weight", x);
   check_vector_param(op, ln_bias, "ln_bias", x);
-  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);  // ostream's default format: Python's {:g}
   return make_geometry(x, weight);
 }
 

@@ -1,4 +1,4 @@
-"""The reference modules this project was created from (/work/shared/seeds), copied verbatim (reformatted only), for
+"""The reference modules this project was created from (../shared/seeds/), copied verbatim (reformatted only), for
 the drop-in parity tests: DropPath and ConvNeXtBlock (003_8d8ded4205e85488.txt), SelfAttention
 (003_8d8ded4205e85488.txt) and MHSA (002_ee3eb2434317a6c3.txt)."""
 

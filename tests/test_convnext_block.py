@@ -1,6 +1,6 @@
 """pykernels.ConvNeXtBlock (Liu et al. 2022, "A ConvNet for the 2020s") against the blocks it replaces: timm's
 ``ConvNeXtBlock`` (``conv_mlp`` False and True), torchvision's ``CNBlock``, Hugging Face's ``ConvNextLayer`` and the
-seeds' reference ``ConvNeXtBlock`` (/work/shared/seeds/003_8d8ded4205e85488.txt).
+seeds' reference ``ConvNeXtBlock`` (../shared/seeds/003_8d8ded4205e85488.txt).
 
 * eval mode: output and every gradient (input and each parameter, mapped back to the original's name) in float32
   (tight tolerance) and in float64, on the automatic backend and on ``torch``;

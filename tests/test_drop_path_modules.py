@@ -1,6 +1,6 @@
 """pykernels.DropPath, functional.drop_path_add / drop_path_branch and pykernels.swap against the drop-path layers
 they replace: timm's ``DropPath``, torchvision's ``StochasticDepth``, Hugging Face's ``*DropPath`` and the seeds'
-reference ``DropPath`` / ``ConvNeXtBlock`` (/work/shared/seeds/003_8d8ded4205e85488.txt).
+reference ``DropPath`` / ``ConvNeXtBlock`` (../shared/seeds/003_8d8ded4205e85488.txt).
 
 Everything runs on CPU with the automatic backend (the backend x dtype grid lives in tests/test_drop_path.py).
 "Equal" means ``torch.equal`` (bit-identical) wherever the original computes the same float32 products in the same

@@ -536,6 +536,69 @@ def test_bad_inputs_raise_clear_errors():
             F.dwconv_ln(*args, **kwargs)
 
 
+# every argument rule of check_args, one broken rule per call: (what, args); x (2, 4, 5, 5) float32, k = 7. Mixing
+# devices needs a second real device: a meta tensor would send the compiled op to its fake kernel.
+_OTHER_DEVICE = "cuda" if torch.cuda.is_available() else None
+
+
+def _rule_cases():
+    other = _OTHER_DEVICE or "meta"
+    x = torch.randn(2, 4, 5, 5)
+    w = torch.randn(4, 1, 7, 7)
+    c = torch.randn(4)
+    return {
+        "x_dim": (torch.randn(4, 5, 5), w, None, None, None, EPS),
+        "x_dtype": (x.int(), w.int(), None, None, None, EPS),
+        "x_no_channels": (torch.randn(2, 0, 3, 3), torch.randn(0, 1, 3, 3), None, None, None, EPS),
+        "weight_not_depthwise": (x, torch.randn(4, 2, 7, 7), None, None, None, EPS),
+        "weight_not_square": (x, torch.randn(4, 1, 7, 5), None, None, None, EPS),
+        "weight_3d": (x, torch.randn(4, 7, 7), None, None, None, EPS),
+        "weight_channels": (x, torch.randn(6, 1, 7, 7), None, None, None, EPS),
+        "kernel_even": (x, torch.randn(4, 1, 4, 4), None, None, None, EPS),
+        "kernel_1": (x, torch.randn(4, 1, 1, 1), None, None, None, EPS),
+        "kernel_15": (x, torch.randn(4, 1, 15, 15), None, None, None, EPS),
+        "weight_dtype": (x.half(), w.double(), None, None, None, EPS),
+        "weight_f32_with_f64_x": (x.double(), w, None, None, None, EPS),
+        "weight_device": (x, w.to(other), None, None, None, EPS),
+        "conv_bias_shape": (x, w, torch.randn(5), None, None, EPS),
+        "ln_weight_shape": (x, w, None, torch.randn(4, 1), None, EPS),
+        "ln_bias_device": (x, w, None, None, torch.randn(4, device=other), EPS),
+        "conv_bias_dtype": (x, w, c.bfloat16(), None, None, EPS),
+        "ln_weight_dtype_f64": (x, w, None, c.double(), None, EPS),
+        "eps": (x, w, None, None, None, -1.0),
+        "two_problems": (x.half(), torch.randn(4, 1, 15, 15).double(), torch.randn(5), None, None, -1.0),
+    }
+
+
+@pytest.mark.parametrize("case", list(_rule_cases()))
+def test_compiled_and_python_rules_agree(case):
+    """The argument rules live in pykernels/ops/dwconv_ln.py (check_args); csrc/dwconv_ln_args.h is the compiled
+    side's copy. Both refuse exactly the same calls with the same message, and accept the same calls."""
+    require_backend("dwconv_ln", "cpp", "cpu")
+    if case.endswith("_device") and _OTHER_DEVICE is None:
+        pytest.skip("mixing devices needs a CUDA device (a meta tensor would dispatch to the fake kernel)")
+    args = _rule_cases()[case]
+    with pytest.raises((TypeError, ValueError)) as python:
+        ops.check_args(*args)
+    with pytest.raises(RuntimeError) as compiled:
+        torch.ops.pykernels.dwconv_ln_fwd(*args)
+    prefix = "dwconv_ln_fwd: "
+    assert str(compiled.value).startswith(prefix), str(compiled.value)
+    assert str(compiled.value)[len(prefix) :] == str(python.value)
+
+
+def test_compiled_and_python_rules_accept_the_same_calls():
+    require_backend("dwconv_ln", "cpp", "cpu")
+    c = torch.randn(8)
+    for dtype, param_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                               (torch.float16, torch.float16), (torch.float64, torch.float64)):  # fmt: skip
+        for k in ops.SUPPORTED_KERNEL_SIZES:
+            args = (torch.randn(1, 8, 3, 4, dtype=dtype), torch.randn(8, 1, k, k, dtype=param_dtype),
+                    c.to(param_dtype), c.to(param_dtype), c.to(param_dtype), 0.0)  # fmt: skip
+            ops.check_args(*args)
+            torch.ops.pykernels.dwconv_ln_fwd(*args)
+
+
 def test_module_errors():
     with pytest.raises(ValueError, match="kernel_size=8: kernel size 8 not supported.*odd k from 3 to 13"):
         DWConvLayerNorm(8, kernel_size=8)

@@ -46,12 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, MAX_GRID_Y, interpreting
+
 SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)
 FP32_MAX_HEAD_DIM = 64  # fp32 on a 128-wide head tile spills registers in the backward kernels (tests/gpu_check)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (the batch * heads axis)
 # the interpreter runs a program as numpy ops: one small fixed tile, no autotuning (it would time every config)
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 32
@@ -69,6 +68,7 @@ PREPROCESS_NUM_WARPS = 4
 # AOT gate (tests/gpu_check) on sm_80 with the heaviest flags (bias + padding mask (+ dbias)), then checked on sm_90
 # (rows that spill there removed); fp16 rows serve bf16 (element size 2). Empty / absent: no candidate is spill-free
 # (fp32 at BLOCK_D >= 128, where the tf32x3 dots triple the operand registers): the smallest candidate is used.
+# Calibrating: ``_aot_specs(filter_configs=False, ...)`` in tests/gpu_check/specs/attention.py lists every candidate.
 GATED_CONFIGS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int], ...]] = {
     ("dkdv", 16, 2, False): ((32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
     ("dkdv", 16, 2, True): ((32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
@@ -259,7 +259,7 @@ def _scores(
     if HAS_BIAS:
         bias_ptrs = bias_base + rows.to(tl.int64)[:, None] * stride_biasm + cols.to(tl.int64)[None, :] * stride_biasn
         bias = tl.load(bias_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        s += bias * 1.4426950408889634
+        s += bias * LOG2E
     valid = col_ok[None, :]
     if HAS_KPM:
         padded = tl.load(KPM + kpm_base + cols.to(tl.int64) * stride_kpmn, mask=col_ok, other=1)
@@ -276,7 +276,7 @@ def _scores(
 def _load_lse_delta(LSE, DELTA, bh, N_Q, rows, row_ok):
     """Backward: a query block's log2-domain logsumexp (-inf of a fully masked row -> +inf, so that P = 0 there) and
     delta = rowsum(dO * O)."""
-    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf")) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
     return lse, delta
@@ -414,7 +414,7 @@ def _attention_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = BIAS + b * stride_biasb + h * stride_biash
     kpm_base = b * stride_kpmb
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     # online softmax state (base 2): running max, running sum, unnormalised output
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -607,7 +607,7 @@ def _attention_bwd_dkdv_kernel(
     g_base = GRAD_OUT + b * stride_gb + h * stride_gh
     bias_base = BIAS + b * stride_biasb + h * stride_biash
     kpm_base = b * stride_kpmb
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
@@ -749,7 +749,7 @@ def _attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     bias_base = BIAS + b * stride_biasb + h * stride_biash
     kpm_base = b * stride_kpmb
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = N_K
     if CAUSAL:
@@ -802,10 +802,6 @@ def _attention_bwd_dq_kernel(
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------------
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
 
 
 def _launch(kernel, grid_fn, interp: bool, *args, **kwargs):
@@ -919,7 +915,7 @@ def attention_fwd(q, k, v, bias=None, key_padding_mask=None, causal=False, scale
     _grid_bh(batch, heads)
     bias_t, bias_strides = _bias_args(bias, batch, heads, n_q, n_k, q)
     kpm_t, kpm_strides = _kpm_args(key_padding_mask, q)
-    interp = _interpreting(q)
+    interp = interpreting(q)
     _launch(
         _attention_fwd_kernel,
         lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads),
@@ -1018,7 +1014,7 @@ def attention_bwd(
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, (torch.zeros_like(bias) if need_grad_bias else None)
     _grid_bh(batch, heads)
-    interp = _interpreting(q)
+    interp = interpreting(q)
     block_d = _head_tile(head_dim)
     # delta = rowsum(dO * O)
     delta = torch.empty_like(lse)
@@ -1105,195 +1101,3 @@ def attention_bwd(
     if need_grad_bias:
         dbias = dbias_full.sum_to_size(bias.shape).to(bias.dtype)
     return dq, dk, dv, dbias
-
-
-# ==== AOT_SPECS: read by the ahead-of-time gate (tests/gpu_check/aot.py); not used at run time =====================
-# One dict per representative specialisation the launchers above compile on CUDA: the gate compiles each for sm_80 and
-# sm_90 without a GPU and fails on compile errors, register spills or shared memory over the limit. Int arguments are
-# specialised as the JIT does it for a ViT block: q, k, v = qkv.unbind(2) of a packed (B, N, 3, H, D) projection (all
-# strides multiples of 16, head-dim stride 1 -> constexpr), N = 197 (odd), a (1, H, N, N) bias (batch stride 0, key
-# stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0). Every autotune config that
-# the prune filter keeps (GATED_CONFIGS, sm_80's shared memory) is compiled with the heaviest flags (bias + padding
-# mask (+ dbias), dropout on and off) at head dims 64 / 80 / 128 / 256 in fp16, 64 / 128 in bf16, 64 / 128 / 256 in
-# fp32 (xfail where every candidate spills);
-# the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
-# preprocessing kernel at every head dim and dtype. Calibrating GATED_CONFIGS: compile every candidate with
-# ``_aot_specs(heavy=..., filter_configs=False, variations=False)`` and keep the rows without spills.
-
-
-def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True) -> list[dict]:
-    """The specs (arguments only for calibrating the configs: other heavy (dtype, head dim) pairs, no pruning)."""
-    import itertools
-
-    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-    ptr = {f16: "*fp16", bf16: "*bf16", f32: "*fp32"}
-    tag = {f16: "f16", bf16: "bf16", f32: "f32"}
-    sm80_smem = 163 * 1024
-
-    def strides(prefix, head_dim, pinned_last=True):
-        # (b, n, h, d) strides of a packed qkv slice / contiguous (B, N, H, D): b, n, h multiples of 16, d = 1
-        div = [f"stride_{prefix}b", f"stride_{prefix}n"] + ([f"stride_{prefix}h"] if head_dim % 16 == 0 else [])
-        sig = {f"stride_{prefix}{x}": "i32" for x in "bnh"}
-        return sig, {f"stride_{prefix}d": 1}, div
-
-    def common(dtype, head_dim, causal, bias, kpm, dropout, with_k=True):
-        sig, const, div = {}, {}, []
-        for prefix in ("q", "k", "v") if with_k else ("q",):
-            s, c, d = strides(prefix, head_dim)
-            sig.update(s), const.update(c), div.extend(d)
-        if bias:  # (1, H, N, N) contiguous: b stride 0, h = N*N and m = N odd, n = 1
-            sig.update(stride_biasb="i32", stride_biash="i32", stride_biasm="i32")
-            const.update(stride_biasn=1)
-            div.append("stride_biasb")
-        else:
-            sig.update({f"stride_bias{x}": "i32" for x in "bhmn"})
-            div.extend(f"stride_bias{x}" for x in "bhmn")
-        if kpm:
-            sig.update(stride_kpmb="i32")
-            const.update(stride_kpmn=1)
-        else:
-            sig.update(stride_kpmb="i32", stride_kpmn="i32")
-            div.extend(("stride_kpmb", "stride_kpmn"))
-        sig.update(H="i32", N_Q="i32", N_K="i32", sm_scale="fp32", dropout_p="fp32", seed="i32")
-        if not dropout:
-            div.append("seed")  # 0
-        sig.update(Q=ptr[dtype], BIAS=ptr[dtype], KPM="*u8" if kpm else ptr[dtype])
-        if with_k:
-            sig.update(K=ptr[dtype], V=ptr[dtype])
-        div.extend(("Q", "BIAS", "KPM") + (("K", "V") if with_k else ()))
-        const.update(
-            HAS_BIAS=bias,
-            HAS_KPM=kpm,
-            CAUSAL=causal,
-            HAS_DROPOUT=dropout,
-            FP32_TF32X3=dtype == f32,
-            HEAD_DIM=head_dim,
-            BLOCK_D=_head_tile(head_dim),
-        )
-        return sig, const, div
-
-    def label(cfg, dtype, head_dim, causal, bias, kpm, dropout, extra=""):
-        m, n, w, s = cfg
-        return (
-            f"d{head_dim}/{tag[dtype]}/causal{causal:d}-bias{bias:d}-kpm{kpm:d}-drop{dropout:d}{extra}/"
-            f"M{m}xN{n}-w{w}-s{s}"
-        )
-
-    def fwd(cfg, dtype, head_dim, causal, bias, kpm, dropout):
-        sig, const, div = common(dtype, head_dim, causal, bias, kpm, dropout)
-        sig.update(OUT=ptr[dtype], LSE="*fp32", stride_ob="i32", stride_on="i32")
-        div.extend(("OUT", "LSE", "stride_ob", "stride_on"))
-        return {
-            "kernel": _attention_fwd_kernel,
-            "label": label(cfg, dtype, head_dim, causal, bias, kpm, dropout),
-            "signature": sig,
-            "constexprs": {**const, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1]},
-            "divisible_by_16": tuple(div),
-            "num_warps": cfg[2],
-            "num_stages": cfg[3],
-        }
-
-    def bwd_common(dtype, head_dim, causal, bias, kpm, dropout):
-        sig, const, div = common(dtype, head_dim, causal, bias, kpm, dropout)
-        s, c, d = strides("g", head_dim)
-        sig.update(s, GRAD_OUT=ptr[dtype], LSE="*fp32", DELTA="*fp32")
-        const.update(c)
-        div.extend(d + ["GRAD_OUT", "LSE", "DELTA"])
-        return sig, const, div
-
-    def dkdv(cfg, dtype, head_dim, causal, bias, kpm, dropout, need_dbias):
-        sig, const, div = bwd_common(dtype, head_dim, causal, bias, kpm, dropout)
-        for prefix in ("dk", "dv"):
-            s, c, d = strides(prefix, head_dim)
-            sig.update(s), const.update(c), div.extend(d)
-        sig.update(DK=ptr[dtype], DV=ptr[dtype], DBIAS="*fp32")
-        div.extend(("DK", "DV", "DBIAS"))
-        return {
-            "kernel": _attention_bwd_dkdv_kernel,
-            "label": label(cfg, dtype, head_dim, causal, bias, kpm, dropout, f"-dbias{need_dbias:d}"),
-            "signature": sig,
-            "constexprs": {**const, "NEED_DBIAS": need_dbias, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1]},
-            "divisible_by_16": tuple(div),
-            "num_warps": cfg[2],
-            "num_stages": cfg[3],
-        }
-
-    def dq(cfg, dtype, head_dim, causal, bias, kpm, dropout):
-        sig, const, div = bwd_common(dtype, head_dim, causal, bias, kpm, dropout)
-        s, c, d = strides("dq", head_dim)
-        sig.update(s, DQ=ptr[dtype])
-        const.update(c)
-        div.extend(d + ["DQ"])
-        return {
-            "kernel": _attention_bwd_dq_kernel,
-            "label": label(cfg, dtype, head_dim, causal, bias, kpm, dropout),
-            "signature": sig,
-            "constexprs": {**const, "BLOCK_M": cfg[0], "BLOCK_N": cfg[1]},
-            "divisible_by_16": tuple(div),
-            "num_warps": cfg[2],
-            "num_stages": cfg[3],
-        }
-
-    def preprocess(dtype, head_dim):
-        sig = {"DELTA": "*fp32", "OUT": ptr[dtype], "GRAD_OUT": ptr[dtype], "H": "i32", "N_Q": "i32"}
-        const = {"HEAD_DIM": head_dim, "BLOCK_D": _head_tile(head_dim), "BLOCK_M": PREPROCESS_BLOCK_M}
-        div = ["DELTA", "OUT", "GRAD_OUT"]
-        for prefix in ("o", "g"):
-            s, c, d = strides(prefix, head_dim)
-            sig.update(s), const.update(c), div.extend(d)
-        return {
-            "kernel": _attention_bwd_preprocess_kernel,
-            "label": f"d{head_dim}/{tag[dtype]}/M{PREPROCESS_BLOCK_M}",
-            "signature": sig,
-            "constexprs": const,
-            "divisible_by_16": tuple(div),
-            "num_warps": PREPROCESS_NUM_WARPS,
-        }
-
-    def kept(kernel, head_dim, dtype, dropout):
-        elem = torch.tensor([], dtype=dtype).element_size()
-        if not filter_configs:
-            return list(CONFIG_TABLES[kernel])
-        return allowed_configs(kernel, _head_tile(head_dim), elem, dropout, sm80_smem)
-
-    def make(kernel, cfg, dtype, head_dim, causal, bias, kpm, dropout):
-        if kernel == "fwd":
-            return fwd(cfg, dtype, head_dim, causal, bias, kpm, dropout)
-        if kernel == "dq":
-            return dq(cfg, dtype, head_dim, causal, bias, kpm, dropout)
-        return dkdv(cfg, dtype, head_dim, causal, bias, kpm, dropout, bias)
-
-    specs = []
-    heavy = heavy or [
-        (f16, 64),
-        (bf16, 64),
-        (f16, 80),
-        (f16, 128),
-        (bf16, 128),
-        (f16, 256),
-        (f32, 64),
-    ]
-    for kernel in CONFIG_TABLES:
-        # every kept config with the heaviest flags, with and without dropout
-        for (dtype, head_dim), dropout in itertools.product(heavy, (True, False)):
-            elem = torch.tensor([], dtype=dtype).element_size()
-            for cfg in kept(kernel, head_dim, dtype, dropout):
-                spec = make(kernel, cfg, dtype, head_dim, False, True, True, dropout)
-                if filter_configs and not GATED_CONFIGS.get((kernel, _head_tile(head_dim), elem, dropout)):
-                    # no candidate is spill-free here: the launcher falls back to the smallest tile (correct, slow)
-                    spec["xfail"] = (
-                        f"{kernel} fp32 at head dim {head_dim}: every candidate tile spills registers "
-                        "(tf32x3 dots); runs on the smallest tile, slowly - use fp16 / bf16 for speed"
-                    )
-                specs.append(spec)
-        # the other flag combinations (causal, bias, dropout) on the first kept config, head dim 64
-        for causal, bias, dropout in itertools.product((False, True), repeat=3):
-            if variations and (causal, bias) != (False, True):
-                specs.append(make(kernel, kept(kernel, 64, f16, dropout)[0], f16, 64, causal, bias, False, dropout))
-    for dtype, head_dim in itertools.product((f16, bf16, f32), SUPPORTED_HEAD_DIMS if variations else ()):
-        if dtype != f32 or head_dim <= FP32_MAX_HEAD_DIM:
-            specs.append(preprocess(dtype, head_dim))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

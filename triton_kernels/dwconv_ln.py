@@ -32,12 +32,12 @@ is int64 (``B * C * H * W`` may pass 2**31), offsets inside an image int32 (the 
   ``mean``, ``rstd``.
 
 Tiles, warps and the chunking threshold come from the tables below (``_fwd_config``, ``_dx_config``, ``_dw_config``),
-which ``AOT_SPECS`` at the bottom mirrors; every launch passes ``maxnreg=MAXNREG`` (128: two 8-warp programs per SM).
-fp16 / bf16 / fp32 inputs (parameters in x's dtype or fp32), fp32 accumulation; FMA contraction is left on
-(``enable_fp_fusion`` default): the conv taps become fused multiply-adds, one rounding per tap instead of two. Under
-the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) the launchers pick bigger tiles (fewer, larger numpy
-programs) but the same chunking threshold, so the chunked path is exercised there too. No ``tl.dot``: bf16 runs in
-the interpreter.
+which the AOT gate's specs (tests/gpu_check/specs/dwconv_ln.py) follow; every launch passes ``maxnreg=MAXNREG`` (128:
+two 8-warp programs per SM). fp16 / bf16 / fp32 inputs (parameters in x's dtype or fp32), fp32 accumulation; FMA
+contraction is left on (``enable_fp_fusion`` default): the conv taps become fused multiply-adds, one rounding per tap
+instead of two. Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) the launchers pick bigger tiles
+(fewer, larger numpy programs) but the same chunking threshold, so the chunked path is exercised there too. No
+``tl.dot``: bf16 runs in the interpreter.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._common import MAX_GRID_Y, interpreting
 
 SUPPORTED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,7 +63,6 @@ DW_TARGET_PROGRAMS = 1024  # grad_weight partition: about this many programs, fr
 INTERP_TILE_ELEMENTS = 16384
 INTERP_MAX_BLOCK_P = 256
 INTERP_DW_GROUPS = 1
-MAX_GRID_Y = 65535
 # Launch option: an explicit register budget for ptxas. Without one, ptxas picked its own target for some 8-warp
 # chunked / dy specialisations (64 or 80 registers on sm_80) and spilled a few bytes (AOT gate); with 255 it took up to
 # 255 (one program per SM). 128 = two 8-warp programs per SM, and no spills on any gated specialisation.
@@ -188,9 +189,23 @@ def _dwconv_ln_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + lane
             y = _conv_tile(
-                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-            )  # fmt: skip
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                channels,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
             count = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
             chunk_mean = tl.sum(y, axis=1) / count
             deviation = tl.where((channels < C)[None, :], y - chunk_mean[:, None], 0.0)
@@ -205,9 +220,23 @@ def _dwconv_ln_fwd_kernel(
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + lane
             y = _conv_tile(
-                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-            )  # fmt: skip
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                channels,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
             ln_w = _load_channel_vector(LN_WEIGHT, channels, C, HAS_LN_WEIGHT, 1.0)
             ln_b = _load_channel_vector(LN_BIAS, channels, C, HAS_LN_BIAS, 0.0)
             out = (y - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
@@ -218,9 +247,23 @@ def _dwconv_ln_fwd_kernel(
         channels = lane
         channel_ok = channels < C
         y = _conv_tile(
-            x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-            ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-        )  # fmt: skip
+            x_image,
+            WEIGHT,
+            CONV_BIAS,
+            hh,
+            ww,
+            channels,
+            C,
+            H,
+            W,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            ksize,
+            HAS_CONV_BIAS,
+            BLOCK_P,
+            BLOCK_C,
+        )
         mean = tl.sum(y, axis=1) / C
         deviation = tl.where(channel_ok[None, :], y - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt_rn(tl.sum(deviation * deviation, axis=1) / C + eps)
@@ -310,9 +353,23 @@ def _dwconv_ln_bwd_dy_kernel(
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + lane
             y = _conv_tile(
-                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-            )  # fmt: skip
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                channels,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
             xhat, g, gw = _dy_chunk(
                 g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
             )
@@ -325,9 +382,23 @@ def _dwconv_ln_bwd_dy_kernel(
             channels = c0 + lane
             channel_ok = channels < C
             y = _conv_tile(
-                x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-                ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-            )  # fmt: skip
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                channels,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
             xhat, g, gw = _dy_chunk(
                 g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
             )
@@ -341,9 +412,23 @@ def _dwconv_ln_bwd_dy_kernel(
         channels = lane
         channel_ok = channels < C
         y = _conv_tile(
-            x_image, WEIGHT, CONV_BIAS, hh, ww, channels, C, H, W, stride_xc, stride_xh, stride_xw,
-            ksize, HAS_CONV_BIAS, BLOCK_P, BLOCK_C,
-        )  # fmt: skip
+            x_image,
+            WEIGHT,
+            CONV_BIAS,
+            hh,
+            ww,
+            channels,
+            C,
+            H,
+            W,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            ksize,
+            HAS_CONV_BIAS,
+            BLOCK_P,
+            BLOCK_C,
+        )
         xhat, g, gw = _dy_chunk(
             g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
         )
@@ -462,7 +547,7 @@ def _dwconv_ln_bwd_dw_kernel(
     )
 
 
-# ---- configs (mirrored by AOT_SPECS) ----------------------------------------------------------------------------
+# ---- configs (followed by the AOT specs: tests/gpu_check/specs/dwconv_ln.py) -------------------------------------
 
 
 def _warps_for(elements: int, per_thread: int = 16) -> int:
@@ -516,10 +601,6 @@ def _dw_config(channels: int, ksize: int, interp: bool) -> tuple[int, int, int, 
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
 
 
 def _check_inputs(x, weight, conv_bias, ln_weight, ln_bias) -> int:
@@ -581,7 +662,7 @@ def dwconv_ln_fwd(x, weight, conv_bias, ln_weight, ln_bias, eps: float):
     if out.numel() == 0:
         return out, mean, rstd
     weight = weight.contiguous()
-    interp = _interpreting(x)
+    interp = interpreting(x)
     block_p, block_c, chunked, num_warps = _fwd_config(channels, interp)
     block_h, block_w = _pixel_tile(block_p, height, width, interp)
     tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
@@ -649,7 +730,7 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
         return (grad_x, *grads)
     weight = weight.contiguous()
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    interp = _interpreting(x)
+    interp = interpreting(x)
     device = x.device
 
     # 1. dy (fp32 workspace) and the per-tile partial sums of the LayerNorm / conv-bias grads
@@ -760,186 +841,3 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
         if ln_bias is not None:
             grads[3] = sums[1].to(ln_bias.dtype)
     return (grad_x, *grads)
-
-
-# ==== AOT_SPECS: read by the ahead-of-time gate (tests/gpu_check/aot.py); not used at run time =====================
-# One dict per specialisation the launchers above compile on CUDA (the GPU branches of _fwd_config, _dx_config,
-# _dw_config, _pixel_tile). Int args are specialised as the JIT does it: "a16" = a 56 x 56 map with C a multiple of
-# 16 (ConvNeXt stages), 16-byte aligned tensors; "odd" = a 13 x 13 map, C = 200 (or the class's odd C), x an offset
-# view; value 1 -> constexpr (the unit stride of the layout: stride_xw in NCHW, stride_xc in channels-last).
-
-
-def _aot_specs(full: bool = False) -> list[dict]:
-    import itertools
-
-    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
-    ptr = {f16: "*fp16", bf16: "*bf16", f32: "*fp32"}
-    # dtype mixes: (x / out / grad_out, parameters)
-    mixes = {"f16": (f16, f16), "bf16": (bf16, bf16), "f32": (f32, f32), "f16+f32": (f16, f32), "bf16+f32": (bf16, f32)}
-
-    def shape_ints(channels, layout, shape):
-        """(sig, pinned, divisible) of C, H, W and the x strides for a (B, C, H, W) tensor in ``layout``."""
-        side = 56 if shape == "a16" else 13
-        c = channels if shape == "a16" else (channels - 1 if channels > 16 else channels | 1)  # odd C: not /16
-        if layout == "cl":
-            strides = {"b": side * side * c, "c": 1, "h": side * c, "w": c}
-        else:
-            strides = {"b": c * side * side, "c": side * side, "h": side, "w": 1}
-        values = {"C": c, "H": side, "W": side, **{f"stride_x{k}": v for k, v in strides.items()}}
-        return values
-
-    def classify(values):
-        sig, pinned, div = {}, {}, []
-        for name, v in values.items():
-            if v == 1:
-                pinned[name] = 1
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    div.append(name)
-        return sig, pinned, div
-
-    def tiles(block_p):
-        block_h, block_w = _pixel_tile(block_p, 56, 56, False)
-        return block_h, block_w
-
-    def grid_ints(values, block_h, block_w):
-        tiles_w = triton.cdiv(values["W"], block_w)
-        return {"tiles_w": tiles_w, "tiles_per_image": triton.cdiv(values["H"], block_h) * tiles_w}
-
-    def fwd_like(kernel, c_pad, mix, layout, shape, flags, need_partials=True):
-        x_dtype, p_dtype = mixes[mix]
-        block_p, block_c, chunked, num_warps = _fwd_config(c_pad, False, kernel is _dwconv_ln_bwd_dy_kernel)
-        block_h, block_w = tiles(block_p)
-        values = shape_ints(c_pad, layout, shape)
-        values.update(grid_ints(values, block_h, block_w))
-        if kernel is _dwconv_ln_bwd_dy_kernel:  # grad_out (B, H, W, C) contiguous
-            side, c = values["H"], values["C"]
-            values.update(stride_gb=side * side * c, stride_gc=1, stride_gh=side * c, stride_gw=c)
-        sig, pinned, div = classify(values)
-        has_cb, has_lw, has_lb = flags
-        weight = ptr[p_dtype]
-        sig["ksize"] = "i32"
-        const = {**pinned, "HAS_CONV_BIAS": has_cb, "HAS_LN_WEIGHT": has_lw, "CHUNKED": chunked}
-        const.update(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c)
-        sig.update(X=ptr[x_dtype], WEIGHT=weight, CONV_BIAS=weight, LN_WEIGHT=weight)
-        aligned = ["X", "WEIGHT", "CONV_BIAS", "LN_WEIGHT"] if shape == "a16" else ["WEIGHT", "CONV_BIAS", "LN_WEIGHT"]
-        if kernel is _dwconv_ln_fwd_kernel:
-            sig.update(OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32", LN_BIAS=weight, eps="fp32")
-            const["HAS_LN_BIAS"] = has_lb
-            aligned += ["OUT", "MEAN", "RSTD", "LN_BIAS"]
-            extra = f"-lb{has_lb:d}"
-        else:
-            sig.update(DY="*fp32", PARTIAL="*fp32", GRAD_OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32")
-            const["NEED_PARTIALS"] = need_partials
-            aligned += ["DY", "PARTIAL", "GRAD_OUT", "MEAN", "RSTD"]
-            extra = f"-partials{need_partials:d}"
-        mode = "chunked" if chunked else "single"
-        return {
-            "kernel": kernel,
-            "label": f"{mix}/{layout}-{shape}/cb{has_cb:d}-lw{has_lw:d}{extra}/{mode}-"
-            f"{block_h}x{block_w}xC{block_c}-w{num_warps}",
-            "signature": sig,
-            "constexprs": const,
-            "divisible_by_16": tuple(dict.fromkeys(aligned + div)),
-            "num_warps": num_warps,
-            "options": {"maxnreg": MAXNREG},
-        }
-
-    def dx(c_pad, mix, layout, shape):
-        x_dtype, p_dtype = mixes[mix]
-        block_p, block_c, num_warps = _dx_config(c_pad, False)
-        block_h, block_w = tiles(block_p)
-        values = shape_ints(c_pad, layout, shape)
-        values = {("stride_gx" + k[len("stride_x") :] if k.startswith("stride_x") else k): v for k, v in values.items()}
-        values.update(grid_ints(values, block_h, block_w))
-        sig, pinned, div = classify(values)
-        sig.update(GRAD_X=ptr[x_dtype], DY="*fp32", WEIGHT=ptr[p_dtype], ksize="i32")
-        return {
-            "kernel": _dwconv_ln_bwd_dx_kernel,
-            "label": f"{mix}/{layout}-{shape}/{block_h}x{block_w}xC{block_c}-w{num_warps}",
-            "signature": sig,
-            "constexprs": {**pinned, "BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": block_c},
-            "divisible_by_16": ("GRAD_X", "DY", "WEIGHT", *div),
-            "num_warps": num_warps,
-            "options": {"maxnreg": MAXNREG},
-        }
-
-    def dw(c_pad, mix, layout, shape, ksize):
-        x_dtype, _ = mixes[mix]
-        block_p, block_c, block_k, num_warps = _dw_config(c_pad, ksize, False)
-        block_h, block_w = tiles(block_p)
-        values = shape_ints(c_pad, layout, shape)
-        values.update(grid_ints(values, block_h, block_w))
-        values.update(num_tiles=8 * values["tiles_per_image"], tiles_per_group=values["tiles_per_image"] + 1)
-        sig, pinned, div = classify(values)
-        sig.update(PARTIAL_W="*fp32", DY="*fp32", X=ptr[x_dtype], ksize="i32")
-        aligned = ("PARTIAL_W", "DY", "X") if shape == "a16" else ("PARTIAL_W", "DY")
-        return {
-            "kernel": _dwconv_ln_bwd_dw_kernel,
-            "label": f"{mix}/{layout}-{shape}/{block_h}x{block_w}xK{block_k}xC{block_c}-w{num_warps}",
-            "signature": sig,
-            "constexprs": {
-                **pinned,
-                "BLOCK_H": block_h,
-                "BLOCK_W": block_w,
-                "BLOCK_C": block_c,
-                "BLOCK_K": block_k,
-            },
-            "divisible_by_16": (*aligned, *div),
-            "num_warps": num_warps,
-            "options": {"maxnreg": MAXNREG},
-        }
-
-    specs = []
-    all_on = (True, True, True)
-    none = (False, False, False)
-    c_classes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]  # 2048: the chunked path
-
-    def shape_of(c_pad):
-        return "a16" if c_pad >= 16 else "odd"  # C < 16 has no 16-divisible strides
-
-    if full:
-        # the whole product, for calibrating the tables (compile it with _aot_specs(full=True) and aot.check)
-        for kernel in (_dwconv_ln_fwd_kernel, _dwconv_ln_bwd_dy_kernel):
-            for c_pad, layout, mix in itertools.product(c_classes, ("cl", "nchw"), mixes):
-                specs.append(fwd_like(kernel, c_pad, mix, layout, shape_of(c_pad), all_on))
-            for c_pad, layout in itertools.product((256, 2048), ("cl", "nchw")):
-                specs.append(fwd_like(kernel, c_pad, "bf16+f32", layout, "odd", all_on))
-                specs.append(fwd_like(kernel, c_pad, "f32", layout, "odd", all_on))
-            specs.append(fwd_like(kernel, 128, "f16", "cl", "a16", none, need_partials=False))
-        for c_pad, layout, mix in itertools.product((4, 16, 32, 64, 128), ("cl", "nchw"), mixes):
-            specs.append(dx(c_pad, mix, layout, shape_of(c_pad)))
-        for c_pad, ksize, layout, mix in itertools.product((4, 32), (3, 5, 13), ("cl", "nchw"), mixes):
-            specs.append(dw(c_pad, mix, layout, shape_of(c_pad), ksize))
-        return specs
-
-    # The gate's set (CI time: the full product, 328 specs / 656 compiles, all spill-free with <= 128 registers when
-    # last calibrated, takes ~7 minutes of 2 cores): per kernel the register-heaviest
-    # specialisations of the full product (NCHW, fp32 or bf16 + fp32 parameters, odd shapes, the chunked path) and the
-    # typical ConvNeXt ones (channels-last, f16 / bf16). The kernel size is a runtime argument (one compile serves
-    # k = 3..13); only the grad_weight kernel's tap lanes (BLOCK_K = next_pow2(k): 4, 8, 16) are compiled in.
-    for kernel in (_dwconv_ln_fwd_kernel, _dwconv_ln_bwd_dy_kernel):
-        for c_pad in (4, 128, 1024, 2048):
-            specs.append(fwd_like(kernel, c_pad, "f16", "cl", shape_of(c_pad), all_on))
-        for c_pad in (64, 2048):
-            specs.append(fwd_like(kernel, c_pad, "f16", "nchw", "a16", all_on))
-        for c_pad in (256, 2048):
-            specs.append(fwd_like(kernel, c_pad, "bf16+f32", "nchw", "odd", all_on))
-        for c_pad in (128, 512):
-            specs.append(fwd_like(kernel, c_pad, "f32", "nchw", "a16", all_on))
-        specs.append(fwd_like(kernel, 1024, "bf16+f32", "cl", "a16", all_on))
-        specs.append(fwd_like(kernel, 128, "bf16", "cl", "a16", none, need_partials=False))
-    specs.append(dx(128, "f16", "cl", "a16"))
-    specs.append(dx(4, "f16", "nchw", "odd"))
-    specs.append(dx(128, "f32", "nchw", "odd"))
-    specs.append(dx(128, "bf16+f32", "nchw", "odd"))
-    specs.append(dw(32, "f16", "cl", "a16", 7))
-    specs.append(dw(32, "f16", "nchw", "a16", 3))
-    specs.append(dw(4, "f16", "cl", "odd", 5))
-    specs.append(dw(32, "f32", "nchw", "odd", 13))
-    specs.append(dw(32, "bf16", "nchw", "odd", 7))
-    return specs
-
-
-AOT_SPECS = _aot_specs()

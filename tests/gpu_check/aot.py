@@ -1,10 +1,11 @@
 """Ahead-of-time gate for the Triton kernels: compile each kernel for sm_80 and sm_90 without a GPU, read its resources.
 
-Every module ``pykernels/triton_kernels/<stem>.py`` (source folder ``triton_kernels/``) declares, at its bottom, an
-``AOT_SPECS`` list of dicts, one per compiled specialisation that its launchers ship on CUDA::
+Every kernel module ``pykernels.triton_kernels.<stem>`` (source ``triton_kernels/<stem>.py``) has its specs in
+``tests/gpu_check/specs/<stem>.py``, a module that imports the kernel module as ``K`` and defines ``AOT_SPECS``: a list
+of dicts, one per compiled specialisation that the launchers ship on CUDA::
 
     {
-        "kernel": _stem_fwd_kernel,             # the @triton.jit function (autotune / heuristics wrappers unwrapped)
+        "kernel": K._stem_fwd_kernel,           # the @triton.jit function (autotune / heuristics wrappers unwrapped)
         "label": "res1-scale1-gamma1/f16/B1024", # short, unique per kernel: names the case in test ids and the table
         "signature": {"X": "*fp16", "N": "i32"}, # every non-constexpr argument -> Triton type string
         "constexprs": {"BLOCK": 1024},           # every tl.constexpr argument, plus int args the JIT pins to 1
@@ -55,6 +56,10 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE = "pykernels.triton_kernels"
+# tests/gpu_check/specs/<stem>.py holds the AOT_SPECS of PACKAGE.<stem>. Imported relative to this module's package
+# under pytest (``gpu_check.specs`` or ``tests.gpu_check.specs``, after pytest's rootdir rules); in script mode
+# (``python tests/gpu_check/aot.py``, no package) this file's folder is sys.path[0], so it is the top-level ``specs``.
+SPECS_PACKAGE = f"{__package__}.specs" if __package__ else "specs"
 
 # target name -> (compute capability, max shared memory per block in bytes: the opt-in dynamic maximum)
 TARGETS: dict[str, tuple[int, int]] = {
@@ -68,7 +73,8 @@ TYPE_RE = re.compile(r"^\*?(i1|u1|i8|u8|i16|u16|i32|u32|i64|u64|fp8e4nv|fp8e5|fp
 
 
 class SpecError(ValueError):
-    """An AOT_SPECS entry that does not describe its kernel (missing / unknown arguments, bad types)."""
+    """An AOT_SPECS entry that does not describe its kernel (missing / unknown arguments, bad types, another module's
+    kernel)."""
 
 
 def gate_status() -> tuple[bool, bool]:
@@ -122,7 +128,7 @@ def unwrap_jit(obj: Any) -> Any:
 
 
 def _make_spec(stem: str, index: int, entry: Any) -> KernelSpec:
-    where = f"{PACKAGE}.{stem}.AOT_SPECS[{index}]"
+    where = f"{spec_file(stem)}: AOT_SPECS[{index}]"
     if not isinstance(entry, dict):
         raise SpecError(f"{where}: expected a dict, got {type(entry).__name__}")
     missing, unknown = REQUIRED_KEYS - entry.keys(), entry.keys() - SPEC_KEYS
@@ -169,6 +175,28 @@ def kernel_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
 
 
+def spec_file(stem: str) -> str:
+    """Where the specs of ``PACKAGE.<stem>`` live, as the repository path that messages name."""
+    return f"tests/gpu_check/specs/{stem}.py"
+
+
+def spec_modules() -> list[str]:
+    """Stems of every module in tests/gpu_check/specs."""
+    package = importlib.import_module(SPECS_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg)
+
+
+def specs_of(stem: str) -> list[Any]:
+    """The ``AOT_SPECS`` list of ``tests/gpu_check/specs/<stem>.py``, or [] when there is no such file (the coverage
+    check then names every kernel of the module). An error while importing it propagates."""
+    if stem not in spec_modules():
+        return []
+    module = importlib.import_module(f"{SPECS_PACKAGE}.{stem}")
+    if not hasattr(module, "AOT_SPECS"):
+        raise SpecError(f"{spec_file(stem)} defines no AOT_SPECS")
+    return list(module.AOT_SPECS)
+
+
 def jit_functions(stem: str) -> dict[str, Any]:
     """name -> JITFunction for every @triton.jit function defined (not imported) in the module."""
     module = importlib.import_module(f"{PACKAGE}.{stem}")
@@ -185,10 +213,15 @@ def discover() -> tuple[list[KernelSpec], dict[str, dict[str, Any]]]:
     specs: list[KernelSpec] = []
     functions: dict[str, dict[str, Any]] = {}
     for stem in kernel_modules():
-        module = importlib.import_module(f"{PACKAGE}.{stem}")
         functions[stem] = jit_functions(stem)
-        for i, entry in enumerate(getattr(module, "AOT_SPECS", ())):
-            specs.append(_make_spec(stem, i, entry))
+        for i, entry in enumerate(specs_of(stem)):
+            spec = _make_spec(stem, i, entry)
+            if getattr(spec.kernel.fn, "__module__", None) != f"{PACKAGE}.{stem}":
+                raise SpecError(
+                    f"{spec_file(stem)}: AOT_SPECS[{i}] is a spec of {spec.kernel.fn.__module__}.{spec.kernel_name}, "
+                    f"not of a kernel of {PACKAGE}.{stem}"
+                )
+            specs.append(spec)
     ids = [s.id for s in specs]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -226,7 +259,7 @@ def jit_decorated_in_source(path: Path) -> set[str]:
 
 def coverage_problems(specs: list[KernelSpec], functions: dict[str, dict[str, Any]]) -> list[str]:
     """What the gate would miss: jit functions in the package sources that the import-based discovery did not see,
-    and kernels (jit functions no other jit function calls) without any AOT spec."""
+    kernels (jit functions no other jit function calls) without any AOT spec, and spec files of no kernel module."""
     package = importlib.import_module(PACKAGE)
     problems = []
     for folder in package.__path__:
@@ -243,7 +276,11 @@ def coverage_problems(specs: list[KernelSpec], functions: dict[str, dict[str, An
     for stem, funcs in sorted(functions.items()):
         for name in sorted(funcs):
             if name not in helpers and (stem, name) not in with_specs:
-                problems.append(f"{PACKAGE}.{stem}.{name}: a kernel without AOT_SPECS entries (add them to {stem}.py)")
+                problems.append(
+                    f"{PACKAGE}.{stem}.{name}: a kernel without AOT_SPECS entries (add them to {spec_file(stem)})"
+                )
+    for stem in sorted(set(spec_modules()) - set(functions)):
+        problems.append(f"{spec_file(stem)}: specs of no module (there is no {PACKAGE}.{stem})")
     return problems
 
 

@@ -1,7 +1,7 @@
 """The GPU-code checks run only when asked for: ``PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2 -q``.
 
-* Not asked for (the normal ``pytest tests`` run, CPU or GPU machine): every test here is skipped. They compile a few
-  hundred cubins (about a minute of two cores), need the real Triton compiler (no ``TRITON_INTERPRET``), and change
+* Not asked for (the normal ``pytest tests`` run, CPU or GPU machine): every test here is skipped. They compile several
+  hundred cubins (about six minutes on two cores), need the real Triton compiler (no ``TRITON_INTERPRET``), and change
   ``TRITON_*`` variables of the process while they compile; the normal run keeps none of that.
 * Asked for but ``TRITON_INTERPRET`` is on (exported by hand; tests/conftest.py leaves it unset when
   PYKERNELS_GPU_CHECK=1): every test fails, since a gate that skipped would pass silently.

@@ -2,12 +2,13 @@
 without register spills and within the shared memory of a block, for every specialisation its launchers ship.
 
 Run alone, without the Triton interpreter: ``PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2 -q``
-(see conftest.py for when these tests skip). The specs come from the ``AOT_SPECS`` list at the bottom of each
-``triton_kernels/<stem>.py``; the compiling and measuring is in aot.py (also runnable as a script).
+(see conftest.py for when these tests skip). The specs of ``triton_kernels/<stem>.py`` come from the ``AOT_SPECS``
+list of ``tests/gpu_check/specs/<stem>.py``; the compiling and measuring is in aot.py (also runnable as a script).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -82,21 +83,73 @@ def _probe_fwd_kernel(X, N, BLOCK: tl.constexpr):
 """
 
 
-def test_discovery_flags_a_new_kernel_without_specs(tmp_path, monkeypatch):
-    """A module added to triton_kernels with a kernel but no AOT_SPECS makes the coverage check fail, naming it."""
+PROBE_SPECS = """
+from pykernels.triton_kernels import _aot_probe as K
+
+AOT_SPECS = [
+    {
+        "kernel": K._probe_fwd_kernel,
+        "label": "B128",
+        "signature": {"X": "*fp32", "N": "i32"},
+        "constexprs": {"BLOCK": 128},
+    }
+]
+"""
+
+
+@pytest.fixture
+def probe_folders(tmp_path, monkeypatch):
+    """(kernels folder, specs folder): temporary folders added to pykernels.triton_kernels and tests/gpu_check/specs;
+    the modules imported from them are dropped afterwards."""
     import pykernels.triton_kernels as package
 
-    (tmp_path / "_aot_probe.py").write_text(NEW_KERNEL_MODULE)
-    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
-    monkeypatch.delitem(sys.modules, f"{aot.PACKAGE}._aot_probe", raising=False)
-    try:
-        specs, functions = aot.discover()
-        problems = aot.coverage_problems(specs, functions)
-    finally:
-        sys.modules.pop(f"{aot.PACKAGE}._aot_probe", None)
+    specs_package = importlib.import_module(aot.SPECS_PACKAGE)
+    kernels, specs = tmp_path / "kernels", tmp_path / "specs"
+    kernels.mkdir()
+    specs.mkdir()
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(kernels)])
+    monkeypatch.setattr(specs_package, "__path__", [*specs_package.__path__, str(specs)])
+    before = set(sys.modules)
+    yield kernels, specs
+    for name in set(sys.modules) - before:
+        if name.startswith((f"{aot.PACKAGE}._aot_", f"{aot.SPECS_PACKAGE}._aot_")):
+            del sys.modules[name]
+
+
+def test_discovery_flags_a_new_kernel_without_specs(probe_folders):
+    """A module added to triton_kernels with a kernel but no tests/gpu_check/specs/<stem>.py makes the coverage check
+    fail, naming the kernel and the file; once that file lists the kernel in its AOT_SPECS, the kernel is covered."""
+    kernels, specs = probe_folders
+    (kernels / "_aot_probe.py").write_text(NEW_KERNEL_MODULE)
+    found, functions = aot.discover()
     assert set(functions["_aot_probe"]) == {"_probe_helper", "_probe_fwd_kernel"}
-    assert problems == [
-        f"{aot.PACKAGE}._aot_probe._probe_fwd_kernel: a kernel without AOT_SPECS entries (add them to _aot_probe.py)"
+    assert not [s for s in found if s.stem == "_aot_probe"]
+    assert aot.coverage_problems(found, functions) == [
+        f"{aot.PACKAGE}._aot_probe._probe_fwd_kernel: a kernel without AOT_SPECS entries "
+        "(add them to tests/gpu_check/specs/_aot_probe.py)"
+    ]
+    (specs / "_aot_probe.py").write_text(PROBE_SPECS)
+    importlib.invalidate_caches()
+    found, functions = aot.discover()
+    assert [s.id for s in found if s.stem == "_aot_probe"] == ["_aot_probe._probe_fwd_kernel[B128]"]
+    assert aot.coverage_problems(found, functions) == []
+
+
+def test_discovery_rejects_specs_of_another_module(probe_folders):
+    """specs/<stem>.py may list only kernels of triton_kernels/<stem>.py, and a specs file of no module is flagged."""
+    kernels, specs = probe_folders
+    (kernels / "_aot_probe.py").write_text(NEW_KERNEL_MODULE)
+    (kernels / "_aot_probe_b.py").write_text(NEW_KERNEL_MODULE)
+    (specs / "_aot_probe_b.py").write_text(PROBE_SPECS)  # the kernel of _aot_probe, filed under _aot_probe_b
+    with pytest.raises(aot.SpecError, match=r"specs/_aot_probe_b\.py: AOT_SPECS\[0\] is a spec of .*_aot_probe\."):
+        aot.discover()
+    (kernels / "_aot_probe_b.py").unlink()
+    (specs / "_aot_probe_b.py").rename(specs / "_aot_probe.py")
+    (specs / "_aot_orphan.py").write_text("AOT_SPECS = []\n")
+    importlib.invalidate_caches()
+    found, functions = aot.discover()
+    assert aot.coverage_problems(found, functions) == [
+        f"tests/gpu_check/specs/_aot_orphan.py: specs of no module (there is no {aot.PACKAGE}._aot_orphan)"
     ]
 
 

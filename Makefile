@@ -54,6 +54,7 @@ info: build
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf build *.egg-info pykernels/_C*.so .pytest_cache

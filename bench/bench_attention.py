@@ -126,10 +126,16 @@ def bench_attention(bench, device, case_id: str, provider: str, mode: str):
         backend = backend[provider]
     core_flops = 4 * case.batch * case.heads * case.tokens * case.tokens * case.head_dim
     bench.describe(
-        op="attention", case=f"{case.id}-{mode}", provider=provider, model=case.model,
-        shape=[case.batch, case.tokens, case.heads, case.head_dim], dtype=str(dtype).removeprefix("torch."),
-        backend=backend, flops_formula=FLOPS_FORMULA, step="forward" if mode == "fwd" else "forward + backward",
-    )  # fmt: skip
+        op="attention",
+        case=f"{case.id}-{mode}",
+        provider=provider,
+        model=case.model,
+        shape=[case.batch, case.tokens, case.heads, case.head_dim],
+        dtype=str(dtype).removeprefix("torch."),
+        backend=backend,
+        flops_formula=FLOPS_FORMULA,
+        step="forward" if mode == "fwd" else "forward + backward",
+    )
     if provider.startswith("compile-"):
         module = bench.compile(module, fullgraph=True)
     grad_out = torch.randn(case.batch, case.tokens, case.dim, device=device, dtype=dtype)

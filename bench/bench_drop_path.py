@@ -95,10 +95,19 @@ def bench_drop_path_add(bench, device, case_id: str, provider: str):
     else:
         backend = "torch eager" if provider == "eager" else "inductor"
     bench.describe(
-        op="drop_path_add", case=case.id, provider=provider, model=case.model, shape=list(case.shape),
-        layout=case.layout, dtype=str(case.dtype).removeprefix("torch."), gamma_shape=list(case.gamma_shape),
-        drop_prob=DROP_PROB, backend=backend, bytes_formula=BYTES_FORMULA, step="forward + backward",
-    )  # fmt: skip
+        op="drop_path_add",
+        case=case.id,
+        provider=provider,
+        model=case.model,
+        shape=list(case.shape),
+        layout=case.layout,
+        dtype=str(case.dtype).removeprefix("torch."),
+        gamma_shape=list(case.gamma_shape),
+        drop_prob=DROP_PROB,
+        backend=backend,
+        bytes_formula=BYTES_FORMULA,
+        step="forward + backward",
+    )
 
     forward_fn = _make_forward(provider)
     if provider.startswith("compile-"):

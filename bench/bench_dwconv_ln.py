@@ -139,11 +139,18 @@ def bench_dwconv_ln(bench, device, case_id: str, provider: str, mode: str):
     module.train(mode == "fwd_bwd")
     x = _input(case, device, dtype, requires_grad=mode == "fwd_bwd")
     bench.describe(
-        op="dwconv_ln", case=f"{case.id}-{mode}", provider=provider, model=case.model, shape=list(case.shape),
-        layout=case.layout, dtype=str(dtype).removeprefix("torch."), kernel_size=KERNEL_SIZE,
-        backend=_backend(provider, x, eager.conv_dw, eager.norm), bytes_formula=BYTES_FORMULA,
+        op="dwconv_ln",
+        case=f"{case.id}-{mode}",
+        provider=provider,
+        model=case.model,
+        shape=list(case.shape),
+        layout=case.layout,
+        dtype=str(dtype).removeprefix("torch."),
+        kernel_size=KERNEL_SIZE,
+        backend=_backend(provider, x, eager.conv_dw, eager.norm),
+        bytes_formula=BYTES_FORMULA,
         step="eval forward" if mode == "fwd" else "train forward + backward",
-    )  # fmt: skip
+    )
     if provider.startswith("compile-"):
         module = bench.compile(module, fullgraph=True)
     nbytes = x.numel() * x.element_size()
@@ -166,12 +173,18 @@ def bench_convnext_block(bench, device, case_id: str, provider: str, mode: str):
     module.train(mode == "fwd_bwd")
     x = _input(case, device, dtype, requires_grad=mode == "fwd_bwd")
     bench.describe(
-        op="convnext_block", case=f"{case.id}-{mode}", provider=provider, model=case.model, shape=list(case.shape),
-        layout=case.layout, dtype=str(dtype).removeprefix("torch."), kernel_size=KERNEL_SIZE,
+        op="convnext_block",
+        case=f"{case.id}-{mode}",
+        provider=provider,
+        model=case.model,
+        shape=list(case.shape),
+        layout=case.layout,
+        dtype=str(dtype).removeprefix("torch."),
+        kernel_size=KERNEL_SIZE,
         drop_path=DROP_PATH if mode == "fwd_bwd" else 0.0,
         backend=_backend(provider, x, timm_block.conv_dw, timm_block.norm),
         step="eval forward" if mode == "fwd" else "train forward + backward",
-    )  # fmt: skip
+    )
     if provider.startswith("compile-"):
         module = bench.compile(module, fullgraph=True)
     nbytes = x.numel() * x.element_size()

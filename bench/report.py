@@ -30,10 +30,23 @@ BASELINES = ("eager", "compile-eager")
 PROVIDER_ORDER = ("eager", "eager-explicit", "nn-mha", "pykernels", "compile-eager", "compile-pykernels")
 # extra_info keys that are per provider (shown in the table) or bookkeeping, never in a case's description
 _NOT_CASE_INFO = {
-    "device", "device_name", "op", "case", "provider", "backend", "first_call_s", "rounds", "gbps", "tflops",
-    "saved_bytes", "saved_extra_bytes", "saved_tensors", "peak_mem_bytes", "peak_mem_over_base_bytes",
+    "device",
+    "device_name",
+    "op",
+    "case",
+    "provider",
+    "backend",
+    "first_call_s",
+    "rounds",
+    "gbps",
+    "tflops",
+    "saved_bytes",
+    "saved_extra_bytes",
+    "saved_tensors",
+    "peak_mem_bytes",
+    "peak_mem_over_base_bytes",
     "compile_options",
-}  # fmt: skip
+}
 MB = 1e6
 
 
@@ -171,11 +184,16 @@ def _when(iso: str | None) -> str:
 def render_markdown(summary: dict, report_command: str, png_name: str | None) -> str:
     env = summary["env"]
     if env.get("device_type") == "cuda":
-        where = ("GPU", f"{env.get('gpu_name')} (compute capability {env.get('cuda_capability')}, "
-                        f"CUDA {env.get('cuda_runtime')})")  # fmt: skip
+        where = (
+            "GPU",
+            f"{env.get('gpu_name')} (compute capability {env.get('cuda_capability')}, CUDA {env.get('cuda_runtime')})",
+        )
     else:
-        where = ("CPU", f"{env.get('cpu_model', '?')}, {env.get('cpu_threads', '?')} torch threads "
-                        f"({env.get('cpu_count', '?')} CPUs)")  # fmt: skip
+        where = (
+            "CPU",
+            f"{env.get('cpu_model', '?')}, {env.get('cpu_threads', '?')} torch threads "
+            f"({env.get('cpu_count', '?')} CPUs)",
+        )
     load = []  # on a CPU, other processes take cores from the benchmark: say how busy the machine was
     if env.get("load_avg_at_start") and env.get("device_type") != "cuda":
         load = [f"| load average at start (1/5/15 min) | {' / '.join(map(str, env['load_avg_at_start']))} |"]
@@ -280,8 +298,11 @@ def summary_lines(summary: dict) -> list[str]:
     for group, case in summary["cases"].items():
         parts = []
         for name, r in case["providers"].items():
-            ratios = [f"{r[k]:.2f}x {b}" for b, k in zip(BASELINES, ("vs_eager", "vs_compile_eager"), strict=True)
-                      if r.get(k) is not None and b != name]  # fmt: skip
+            ratios = [
+                f"{r[k]:.2f}x {b}"
+                for b, k in zip(BASELINES, ("vs_eager", "vs_compile_eager"), strict=True)
+                if r.get(k) is not None and b != name
+            ]
             parts.append(f"{name} {r['median_ms']:.3f} ms" + (f" ({', '.join(ratios)})" if ratios else ""))
         lines.append(f"{group}: " + " | ".join(parts))
     return lines

@@ -36,9 +36,15 @@ def _draw(branch: torch.Tensor, gamma, drop_prob, training, scale_by_keep, mode,
         return None
     dtype = promote_dtypes(branch, gamma)  # timm draws in the dtype of gamma * branch
     return reference.draw_drop_path_scale(
-        branch.shape[0], branch.dim(), drop_prob, dtype=dtype, device=branch.device,
-        scale_by_keep=scale_by_keep, mode=mode, rng=rng,
-    )  # fmt: skip
+        branch.shape[0],
+        branch.dim(),
+        drop_prob,
+        dtype=dtype,
+        device=branch.device,
+        scale_by_keep=scale_by_keep,
+        mode=mode,
+        rng=rng,
+    )
 
 
 def drop_path_add(
@@ -263,6 +269,7 @@ def attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     # the dropout seed: a one-element CPU tensor from torch's generator (no device sync, no graph break)
     seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
-    out, _ = _attention_ops.attention(q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed,
-                                      backend)  # fmt: skip
+    out, _ = _attention_ops.attention(
+        q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed, backend
+    )
     return out.view(batch, n_q, heads, head_dim)

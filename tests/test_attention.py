@@ -255,8 +255,12 @@ def test_multihead_attention_parity(device, backend, batch_first, need_weights, 
     grad = torch.randn_like(y_ref)
     y_ref.backward(grad)
     y_fused.backward(grad)
-    names = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight",
-             "proj.bias": "out_proj.bias"}  # fmt: skip
+    names = {
+        "qkv.weight": "in_proj_weight",
+        "qkv.bias": "in_proj_bias",
+        "proj.weight": "out_proj.weight",
+        "proj.bias": "out_proj.bias",
+    }
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     _assert_grads_close(fused, x_fused, ref_grads, x_ref, rename=names.get, atol=1e-4, rtol=1e-3)
 

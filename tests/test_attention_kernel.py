@@ -18,6 +18,9 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
+from pykernels import BackendNotSupportedError  # noqa: E402
+from pykernels import functional as F  # noqa: E402
+from pykernels.ops.attention import FP32_MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS  # noqa: E402
 from pykernels.triton_kernels import attention as attn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,13 +176,13 @@ def test_forward_backward(case, dtype):
     check_case(dtype, batch, n_q, n_k, heads, head_dim, **extra)
 
 
-@pytest.mark.parametrize("head_dim", attn.SUPPORTED_HEAD_DIMS, ids=[f"d{d}" for d in attn.SUPPORTED_HEAD_DIMS])
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS, ids=[f"d{d}" for d in SUPPORTED_HEAD_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dims(head_dim, dtype):
-    if dtype == torch.float32 and head_dim > attn.FP32_MAX_HEAD_DIM:
+    if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:  # the op refuses the Triton backend there
         q = torch.randn(1, 4, 1, head_dim, device=DEVICE)
-        with pytest.raises(ValueError, match="float32 inputs support head dims up to"):
-            attn.attention_fwd(q, q, q)
+        with pytest.raises(BackendNotSupportedError, match=f"float32 at head dim {head_dim}"):
+            F.attention(q, q, q, backend="triton")
         return
     check_case(dtype, 1, 37, 41, 2, head_dim, bias_shape=(1, 2, 37, 41), causal=head_dim in (48, 96))
 
@@ -289,29 +292,30 @@ def test_no_grad_bias_and_no_bias():
 
 @pytest.mark.parametrize("head_dim", [8, 40, 320], ids=["d8", "d40", "d320"])
 def test_unsupported_head_dim_raises(head_dim):
+    """The op's rules keep the Triton launchers from calls they do not serve (the launchers check no rule twice)."""
     q = torch.randn(1, 4, 1, head_dim, device=DEVICE)
-    with pytest.raises(ValueError, match="supported head dims: 16, 32, 48, 64, 80, 96, 128, 256"):
-        attn.attention_fwd(q, q, q)
+    with pytest.raises(BackendNotSupportedError, match="supported head dims: 16, 32, 48, 64, 80, 96, 128, 256"):
+        F.attention(q, q, q, backend="triton")
 
 
 def test_input_errors():
     q = torch.randn(1, 4, 2, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="one dtype"):
-        attn.attention_fwd(q, q.half(), q)
-    with pytest.raises(ValueError, match="float16, bfloat16, float32"):
-        attn.attention_fwd(q.double(), q.double(), q.double())
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        F.attention(q, q.half(), q, backend="triton")
+    with pytest.raises(BackendNotSupportedError, match="dtype float64 not supported by triton"):
+        F.attention(q.double(), q.double(), q.double(), backend="triton")
     with pytest.raises(ValueError, match="key_padding_mask"):
-        attn.attention_fwd(q, q, q, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=DEVICE))
+        F.attention(q, q, q, key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="broadcastable"):
-        attn.attention_fwd(q, q, q, bias=torch.zeros(1, 3, 4, 4, device=DEVICE))
+        F.attention(q, q, q, bias=torch.zeros(1, 3, 4, 4, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="dropout_p"):
-        attn.attention_fwd(q, q, q, dropout_p=1.0)
+        F.attention(q, q, q, dropout_p=1.0, backend="triton")
 
 
 def test_autotune_prune_filter():
     """The prune filter keeps only gate-approved candidates that fit the shared memory, and never nothing."""
     for kernel, table in attn.CONFIG_TABLES.items():
-        for head_dim in attn.SUPPORTED_HEAD_DIMS:
+        for head_dim in SUPPORTED_HEAD_DIMS:
             block_d = attn._head_tile(head_dim)
             for elem, dropout in ((2, False), (2, True), (4, False), (4, True)):
                 kept = attn.allowed_configs(kernel, block_d, elem, dropout, 163 * 1024)

@@ -35,10 +35,21 @@ def _run_bench(path: str, tmp_path: Path) -> Path:
     """Run one bench file in smoke mode; returns the pytest-benchmark JSON it wrote."""
     raw_path = tmp_path / "raw.json"
     _run(
-        ["-m", "pytest", path, "--benchmark-only", f"--benchmark-json={raw_path}",
-         "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-columns=median,rounds"],
+        [
+            "-m",
+            "pytest",
+            path,
+            "--benchmark-only",
+            f"--benchmark-json={raw_path}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "--benchmark-columns=median,rounds",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     return raw_path
 
 
@@ -65,8 +76,17 @@ def test_bench_drop_path_and_report(tmp_path):
 
     markdown = md_path.read_text()
     env = raw["machine_info"]["pykernels"]
-    for needle in (env["device_name"], f"torch | {env['torch']}", f"Triton | {env['triton']}", "--benchmark-only",
-                   "vs eager (×)", "vs compile-eager (×)", "saved for bwd MB", "GB/s", "median ms"):  # fmt: skip
+    for needle in (
+        env["device_name"],
+        f"torch | {env['torch']}",
+        f"Triton | {env['triton']}",
+        "--benchmark-only",
+        "vs eager (×)",
+        "vs compile-eager (×)",
+        "saved for bwd MB",
+        "GB/s",
+        "median ms",
+    ):
         assert needle in markdown, needle
     for case in CASES:
         assert f"## drop_path_add[{case}]" in markdown

@@ -58,20 +58,48 @@ def hf_layer(dim, drop_path=0.0, layer_scale=1e-6, hidden_act="gelu"):
 
 
 # name: (builder(dim, drop_path, kernel_size) -> module, {our parameter name: the original's}, masks by multiply only)
-TIMM_NAMES = {n: n for n in ("conv_dw.weight", "conv_dw.bias", "norm.weight", "norm.bias", "mlp.fc1.weight",
-                             "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "gamma")}  # fmt: skip
+TIMM_NAMES = {
+    n: n
+    for n in (
+        "conv_dw.weight",
+        "conv_dw.bias",
+        "norm.weight",
+        "norm.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "gamma",
+    )
+}
 OFFICIAL_NAMES = {
-    "conv_dw.weight": "dwconv.weight", "conv_dw.bias": "dwconv.bias", "norm.weight": "norm.weight",
-    "norm.bias": "norm.bias", "mlp.fc1.weight": "pwconv1.weight", "mlp.fc1.bias": "pwconv1.bias",
-    "mlp.fc2.weight": "pwconv2.weight", "mlp.fc2.bias": "pwconv2.bias", "gamma": "gamma",
-}  # fmt: skip
-HF_NAMES = {**OFFICIAL_NAMES, "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias",
-            "gamma": "layer_scale_parameter"}  # fmt: skip
+    "conv_dw.weight": "dwconv.weight",
+    "conv_dw.bias": "dwconv.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+    "mlp.fc1.weight": "pwconv1.weight",
+    "mlp.fc1.bias": "pwconv1.bias",
+    "mlp.fc2.weight": "pwconv2.weight",
+    "mlp.fc2.bias": "pwconv2.bias",
+    "gamma": "gamma",
+}
+HF_NAMES = {
+    **OFFICIAL_NAMES,
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+    "gamma": "layer_scale_parameter",
+}
 TV_NAMES = {
-    "conv_dw.weight": "block.0.weight", "conv_dw.bias": "block.0.bias", "norm.weight": "block.2.weight",
-    "norm.bias": "block.2.bias", "mlp.fc1.weight": "block.3.weight", "mlp.fc1.bias": "block.3.bias",
-    "mlp.fc2.weight": "block.5.weight", "mlp.fc2.bias": "block.5.bias", "gamma": "layer_scale",
-}  # fmt: skip
+    "conv_dw.weight": "block.0.weight",
+    "conv_dw.bias": "block.0.bias",
+    "norm.weight": "block.2.weight",
+    "norm.bias": "block.2.bias",
+    "mlp.fc1.weight": "block.3.weight",
+    "mlp.fc1.bias": "block.3.bias",
+    "mlp.fc2.weight": "block.5.weight",
+    "mlp.fc2.bias": "block.5.bias",
+    "gamma": "layer_scale",
+}
 
 SOURCES = {
     "timm": (lambda c, p: TimmBlock(c, drop_path=p), TIMM_NAMES, True),
@@ -81,7 +109,7 @@ SOURCES = {
         lambda c, p: TimmBlock(c, drop_path=p, conv_mlp=True, ls_init_value=None),
         TIMM_NAMES,
         True,
-    ),  # fmt: skip
+    ),
     "torchvision": (lambda c, p: CNBlock(c, 1e-6, p), TV_NAMES, True),
     "hf": (lambda c, p: hf_layer(c, p), HF_NAMES, False),
     "hf_no_ls": (lambda c, p: hf_layer(c, p, layer_scale=0.0), HF_NAMES, False),
@@ -442,8 +470,11 @@ def test_refuses_unsupported_variants(name):
     assert model.pykernels_swapped == [] and model[0] is module
 
 
-@pytest.mark.parametrize("module", [nn.Linear(4, 4), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Identity()],
-                         ids=["linear", "conv", "identity"])  # fmt: skip
+@pytest.mark.parametrize(
+    "module",
+    [nn.Linear(4, 4), nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Identity()],
+    ids=["linear", "conv", "identity"],
+)
 def test_rejects_unrelated_modules(module):
     assert not can_convert(module)
     with pytest.raises(TypeError, match="does not know") as info:
@@ -484,8 +515,14 @@ def hf_convnext():
     from transformers import ConvNextModel
 
     torch.manual_seed(0)
-    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16, 24], depths=[2, 2, 2], num_stages=3,
-                            drop_path_rate=0.4, layer_scale_init_value=0.5)  # fmt: skip
+    config = ConvNextConfig(
+        num_channels=3,
+        hidden_sizes=[8, 16, 24],
+        depths=[2, 2, 2],
+        num_stages=3,
+        drop_path_rate=0.4,
+        layer_scale_init_value=0.5,
+    )
     return ConvNextModel(config), (2, 3, 32, 32), 6
 
 

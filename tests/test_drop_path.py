@@ -129,10 +129,15 @@ def test_forward_backward_vs_oracle(device, backend, dtype, layout, shape, drop_
 @pytest.mark.parametrize("device,backend", device_backends(), ids=lambda v: str(v))
 @pytest.mark.parametrize(
     "mix",
-    [("float32", "bfloat16", "float32"), ("float32", "float16", None), ("bfloat16", "bfloat16", "float32"),
-     ("float64", "float64", "float64"), ("float64", "float32", None)],
+    [
+        ("float32", "bfloat16", "float32"),
+        ("float32", "float16", None),
+        ("bfloat16", "bfloat16", "float32"),
+        ("float64", "float64", "float64"),
+        ("float64", "float32", None),
+    ],
     ids=lambda m: "res_{}-br_{}-g_{}".format(*m),
-)  # fmt: skip
+)
 def test_mixed_dtypes_promote_like_eager(device, backend, mix):
     """Autocast-style mixes (bf16 branch, fp32 shortcut / layer-scale) give eager's promoted dtype and values."""
     require_backend("drop_path_add", backend, device)

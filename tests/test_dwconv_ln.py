@@ -170,8 +170,17 @@ def _oracle_params():
             for i, (shape, k, layout) in enumerate(CASES):
                 if _triton_slow(device, backend) and (i not in TRITON_CPU_CASES or dtype == torch.bfloat16):
                     continue
-                params.append(pytest.param(device, backend, dtype, shape, k, layout, id=f"{device}-{backend}-"
-                                           f"{_id(dtype)}-{_id(shape)}-k{k}-{layout}"))  # fmt: skip
+                params.append(
+                    pytest.param(
+                        device,
+                        backend,
+                        dtype,
+                        shape,
+                        k,
+                        layout,
+                        id=f"{device}-{backend}-{_id(dtype)}-{_id(shape)}-k{k}-{layout}",
+                    )
+                )
     return params
 
 
@@ -260,9 +269,7 @@ def test_out_layout_nchw_is_a_channels_last_view(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", device_backends(), ids=lambda v: str(v))
-@pytest.mark.parametrize(
-    "needs", [(True, False), (False, True)], ids=lambda n: "x" if n[0] else "params"
-)  # fmt: skip
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=lambda n: "x" if n[0] else "params")
 def test_requires_grad_subsets(device, backend, needs):
     """Only x, or only the parameters, need a gradient: the right ones come back, the rest stay None."""
     require(backend, device)
@@ -287,9 +294,14 @@ def test_requires_grad_subsets(device, backend, needs):
 def test_optional_parameters_absent(device, backend, absent):
     require(backend, device)
     inputs = make_inputs(
-        (2, 7, 5, 5), 5, torch.float32, device, "channels_last",
-        conv_bias=absent == "ln_affine", affine=absent == "conv_bias",
-    )  # fmt: skip
+        (2, 7, 5, 5),
+        5,
+        torch.float32,
+        device,
+        "channels_last",
+        conv_bias=absent == "ln_affine",
+        affine=absent == "conv_bias",
+    )
     check_against_oracle(backend, inputs, torch.float32)
 
 
@@ -522,15 +534,19 @@ def test_bad_inputs_raise_clear_errors():
         (ValueError, r"conv_bias must have shape \(C,\) = \(4,\)", (x, w, torch.randn(5)), {}),
         (ValueError, r"ln_weight must have shape", (x, w, None, torch.randn(4, 1)), {}),
         (ValueError, r"ln_bias is on meta but x is on cpu", (x, w, None, None, torch.randn(4, device="meta")), {}),
-        (TypeError, r"conv_bias is bfloat16 but x is float32.*x's dtype or float32", (x, w, torch.randn(4).bfloat16()),
-         {}),
+        (
+            TypeError,
+            r"conv_bias is bfloat16 but x is float32.*x's dtype or float32",
+            (x, w, torch.randn(4).bfloat16()),
+            {},
+        ),
         (TypeError, r"weight is float64 but x is float16", (x.half(), w.double()), {}),
         (TypeError, r"weight is float32 but x is float64.*float64 x needs float64", (x.double(), w), {}),
         (TypeError, r"x must be float16, bfloat16, float32 or float64", (x.int(), w), {}),
         (ValueError, r"out_layout must be 'nhwc'", (x, w), dict(out_layout="NCHW")),
         (ValueError, r"unknown pykernels backend 'cudnn'", (x, w), dict(backend="cudnn")),
         (ValueError, r"x has 0 channels", (torch.randn(2, 0, 3, 3), torch.randn(0, 1, 3, 3)), {}),
-    ]  # fmt: skip
+    ]
     for exc, pattern, args, kwargs in cases:
         with pytest.raises(exc, match=pattern):
             F.dwconv_ln(*args, **kwargs)
@@ -590,11 +606,21 @@ def test_compiled_and_python_rules_agree(case):
 def test_compiled_and_python_rules_accept_the_same_calls():
     require_backend("dwconv_ln", "cpp", "cpu")
     c = torch.randn(8)
-    for dtype, param_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
-                               (torch.float16, torch.float16), (torch.float64, torch.float64)):  # fmt: skip
+    for dtype, param_dtype in (
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.float64, torch.float64),
+    ):
         for k in ops.SUPPORTED_KERNEL_SIZES:
-            args = (torch.randn(1, 8, 3, 4, dtype=dtype), torch.randn(8, 1, k, k, dtype=param_dtype),
-                    c.to(param_dtype), c.to(param_dtype), c.to(param_dtype), 0.0)  # fmt: skip
+            args = (
+                torch.randn(1, 8, 3, 4, dtype=dtype),
+                torch.randn(8, 1, k, k, dtype=param_dtype),
+                c.to(param_dtype),
+                c.to(param_dtype),
+                c.to(param_dtype),
+                0.0,
+            )
             ops.check_args(*args)
             torch.ops.pykernels.dwconv_ln_fwd(*args)
 
@@ -647,8 +673,9 @@ def test_unsupported_reasons_name_what_is_supported():
         why = ops.OP.not_supported_reasons(backend, cpu, [torch.float64], kernel_size=7)
         assert any("dtype float64 not supported" in r for r in why), why
     # the torch backend takes any odd kernel size and any dtype mix (the op, below the functional's checks)
-    assert ops.OP.not_supported_reasons("torch", cpu, [torch.float16], kernel_size=15, param_dtypes=(torch.float64,)) \
-        == []  # fmt: skip
+    assert (
+        ops.OP.not_supported_reasons("torch", cpu, [torch.float16], kernel_size=15, param_dtypes=(torch.float64,)) == []
+    )
     assert "even" in ops.OP.not_supported_reasons("torch", cpu, [torch.float32], kernel_size=4)[0]
     # an op-level call with k = 15 and an explicit compiled backend: BackendNotSupportedError, torch runs it
     x, w, *_ = make_inputs((1, 3, 4, 4), 15, torch.float32, "cpu")
@@ -662,8 +689,11 @@ def test_backend_selection(monkeypatch):
     the forward's backend even outside the use_backend() block."""
     ran = spy_kernels(monkeypatch, ops.OP)
     inputs = make_inputs((1, 4, 3, 3), 3, torch.float32, "cpu")
-    auto = "cpp" if not ops.OP.not_supported_reasons("cpp", torch.device("cpu"), [torch.float32], kernel_size=3) \
-        else "torch"  # fmt: skip
+    auto = (
+        "cpp"
+        if not ops.OP.not_supported_reasons("cpp", torch.device("cpu"), [torch.float32], kernel_size=3)
+        else "torch"
+    )
     F.dwconv_ln(*inputs)
     monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
     F.dwconv_ln(*inputs)
@@ -795,8 +825,13 @@ def test_module_convnext_stage_shapes(device, backend):
         module = DWConvLayerNorm(dim).to(device)
         with torch.no_grad():
             module.norm.weight.uniform_(0.5, 1.5)
-        inputs = (torch.randn(1, dim, size, size, device=device), module.conv_dw.weight, module.conv_dw.bias,
-                  module.norm.weight, module.norm.bias)  # fmt: skip
+        inputs = (
+            torch.randn(1, dim, size, size, device=device),
+            module.conv_dw.weight,
+            module.conv_dw.bias,
+            module.norm.weight,
+            module.norm.bias,
+        )
         check_against_oracle(backend, [t.detach() for t in inputs], torch.float32)
 
 

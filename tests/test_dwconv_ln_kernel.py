@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from pykernels import BackendNotSupportedError, reference  # noqa: E402
+from pykernels import functional as PF  # noqa: E402
 from pykernels.triton_kernels import dwconv_ln as kernels  # noqa: E402
-
-from pykernels import reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -215,25 +215,25 @@ def test_empty_batch():
 
 
 def test_input_errors():
+    """The op checks every argument before a launcher runs (the launchers check only the kernels' own limits)."""
     x, weight, conv_bias, ln_weight, ln_bias, _ = make_inputs(1, 4, 5, 5, 3, torch.float32)
     with pytest.raises(ValueError, match="kernel size 15"):
-        kernels.dwconv_ln_fwd(x, torch.zeros(4, 1, 15, 15, device=DEVICE), None, None, None, EPS)
+        PF.dwconv_ln(x, torch.zeros(4, 1, 15, 15, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="kernel size 4"):
-        kernels.dwconv_ln_fwd(x, torch.zeros(4, 1, 4, 4, device=DEVICE), None, None, None, EPS)
-    with pytest.raises(ValueError, match="dtype"):
-        kernels.dwconv_ln_fwd(x.double(), weight.double(), None, None, None, EPS)
-    with pytest.raises(ValueError, match="x's dtype"):
-        kernels.dwconv_ln_fwd(x, weight, conv_bias.half(), None, None, EPS)
-    with pytest.raises(ValueError, match="weight must be"):
-        kernels.dwconv_ln_fwd(x, weight[:3], None, None, None, EPS)
-    with pytest.raises(ValueError, match="ln_bias must be"):
-        kernels.dwconv_ln_fwd(x, weight, None, None, ln_bias[:3], EPS)
+        PF.dwconv_ln(x, torch.zeros(4, 1, 4, 4, device=DEVICE), backend="triton")
+    with pytest.raises(BackendNotSupportedError, match="dtype float64 not supported by triton"):
+        PF.dwconv_ln(x.double(), weight.double(), backend="triton")
+    with pytest.raises(TypeError, match="x's dtype"):
+        PF.dwconv_ln(x, weight, conv_bias.half(), backend="triton")
+    with pytest.raises(ValueError, match="weight has 3 channels"):
+        PF.dwconv_ln(x, weight[:3], backend="triton")
+    with pytest.raises(ValueError, match="ln_bias must have shape"):
+        PF.dwconv_ln(x, weight, None, None, ln_bias[:3], backend="triton")
 
 
 def test_config_tables():
     """Single pass up to SINGLE_PASS_MAX_CHANNELS, chunked above (ConvNeXt-XL's 2048 included); tiles stay within the
     per-program element budget the AOT gate was run with."""
-    assert kernels.SUPPORTED_KERNEL_SIZES == (3, 5, 7, 9, 11, 13)
     for channels in (3, 96, 200, 768, 1024):
         block_p, block_c, chunked, _ = kernels._fwd_config(channels, interp=False)
         assert not chunked and block_c >= channels and block_p * block_c <= kernels.TILE_ELEMENTS

@@ -13,6 +13,7 @@ import triton.language as tl
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E); the attention softmax runs in base 2
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
 
 
 def interpreting(t: torch.Tensor) -> bool:

@@ -29,10 +29,11 @@ Conventions:
   use tf32 for matmuls by default) at about 3x the cost of plain tf32. Plain ``"ieee"`` (FMA, no tensor cores) was
   measured by the AOT gate to spill registers on every tile above 32x32 at head dim 64 and on every tile at 256.
   With tf32x3, fp32 on the 128- and 256-wide head tiles (head dims 80 to 256) still spills registers in the
-  backward kernels on every tile, so fp32 inputs are limited to head dims <= ``FP32_MAX_HEAD_DIM`` (64); larger
-  ones raise (the op layer routes them to PyTorch's SDPA) - fp16 / bf16 (autocast) is the fast path at every head dim.
+  backward kernels on every tile, so fp32 inputs are limited to head dims <= 64 (the op's ``FP32_MAX_HEAD_DIM``:
+  it routes larger ones to PyTorch's SDPA) - fp16 / bf16 (autocast) is the fast path at every head dim.
   The parameter ``input_precision`` exists since Triton 3.0 (``allow_tf32`` is the deprecated name).
-* head dims: ``SUPPORTED_HEAD_DIMS``; the tile is padded to ``BLOCK_D = next_power_of_2(D)`` with masks.
+* head dims: the op's ``SUPPORTED_HEAD_DIMS`` (pykernels/ops/attention.py, which checks every argument); the tile
+  is padded to ``BLOCK_D = next_power_of_2(D)`` with masks.
 * bias gradient: ``dS`` (the gradient of the scores) is materialised in a (B, H, Nq, Nk) fp32 buffer only when
   ``need_grad_bias`` and reduced over the bias's broadcast dims with torch (``sum_to_size``); that costs
   ``4 * B * H * Nq * Nk`` bytes of temporary memory (e.g. 20 MB for B=8, H=12, N=197).
@@ -46,11 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, MAX_GRID_Y, interpreting
+from ._common import LN2, LOG2E, MAX_GRID_Y, interpreting
 
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)
-FP32_MAX_HEAD_DIM = 64  # fp32 on a 128-wide head tile spills registers in the backward kernels (tests/gpu_check)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the interpreter runs a program as numpy ops: one small fixed tile, no autotuning (it would time every config)
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 32
@@ -471,7 +469,7 @@ def _attention_fwd_kernel(
     if HAS_DROPOUT:
         out_scale = out_scale / (1.0 - dropout_p)
     out = acc * out_scale[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     tl.store(LSE + bh * N_Q + rows, lse, mask=row_ok)
     o_ptrs = OUT + b * stride_ob + rows.to(tl.int64)[:, None] * stride_on + h * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -813,50 +811,11 @@ def _launch(kernel, grid_fn, interp: bool, *args, **kwargs):
         kernel[grid_fn](*args, **kwargs)
 
 
-def _check_inputs(q, k, v, bias, key_padding_mask):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (B, N, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+def _shapes(q, k):
+    """(B, Nq, Nk, H, D). The arguments were checked by the op (pykernels/ops/attention.py: check_args and the Triton
+    backend's head-dim and dtype rules); the launchers check only the kernels' own limits."""
     batch, n_q, heads, head_dim = q.shape
-    n_k = k.shape[1]
-    if k.shape != (batch, n_k, heads, head_dim) or v.shape != k.shape:
-        raise ValueError(
-            f"k and v must be (B, Nk, H, D) = ({batch}, Nk, {heads}, {head_dim}); "
-            f"got {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim {head_dim} is not supported by the Triton attention kernel; supported head dims: "
-            f"{', '.join(map(str, SUPPORTED_HEAD_DIMS))}"
-        )
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(
-            f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if q.dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
-        raise ValueError(
-            f"float32 inputs support head dims up to {FP32_MAX_HEAD_DIM} in the Triton attention kernel (larger tiles "
-            f"spill registers on sm_80 / sm_90); got {head_dim}: use float16 / bfloat16 (autocast) or the torch backend"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if bias is not None:
-        if bias.dim() > 4:
-            raise ValueError(f"bias must be broadcastable to (B, H, Nq, Nk); got {tuple(bias.shape)}")
-        try:
-            torch.broadcast_shapes(bias.shape, (batch, heads, n_q, n_k))
-        except RuntimeError as e:
-            raise ValueError(
-                f"bias {tuple(bias.shape)} is not broadcastable to (B, H, Nq, Nk) = {(batch, heads, n_q, n_k)}"
-            ) from e
-        if not bias.is_floating_point():
-            raise ValueError(f"bias must be a floating-point tensor (additive); got {bias.dtype}")
-    if key_padding_mask is not None:
-        if key_padding_mask.shape != (batch, n_k) or key_padding_mask.dtype != torch.bool:
-            raise ValueError(
-                f"key_padding_mask must be a (B, Nk) = ({batch}, {n_k}) bool tensor (True = ignore the "
-                f"key); got {tuple(key_padding_mask.shape)} {key_padding_mask.dtype}"
-            )
-    return batch, n_q, n_k, heads, head_dim
+    return batch, n_q, k.shape[1], heads, head_dim
 
 
 def _bias_args(bias, batch, heads, n_q, n_k, fallback):
@@ -888,7 +847,7 @@ def attention_fwd(q, k, v, bias=None, key_padding_mask=None, causal=False, scale
     Args:
         q: (B, Nq, H, D) queries, any strides (e.g. a view of a packed (B, N, 3, H, D) qkv projection).
         k, v: (B, Nk, H, D) keys and values, any strides; same dtype as ``q`` (fp16, bf16 or fp32).
-            D in ``SUPPORTED_HEAD_DIMS``.
+            D in ``pykernels.ops.attention.SUPPORTED_HEAD_DIMS``.
         bias: optional additive score bias broadcastable to (B, H, Nq, Nk), any float dtype and strides (broadcast
             dims read with stride 0): e.g. a (1, H, N, N) relative-position bias or a (B, 1, 1, Nk) mask-as-bias.
         key_padding_mask: optional (B, Nk) bool, True = ignore that key.
@@ -902,7 +861,7 @@ def attention_fwd(q, k, v, bias=None, key_padding_mask=None, causal=False, scale
         lse: (B, H, Nq) float32 logsumexp of the (scaled, biased, masked) scores, natural log; -inf on fully
             masked rows.
     """
-    batch, n_q, n_k, heads, head_dim = _check_inputs(q, k, v, bias, key_padding_mask)
+    batch, n_q, n_k, heads, head_dim = _shapes(q, k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -992,7 +951,7 @@ def attention_bwd(
         (B, N, 3, H, D) buffer when q, k, v are ``qkv.unbind(2)`` views of one packed tensor, else contiguous;
         dbias has ``bias``'s shape and dtype (summed over its broadcast dims), or None.
     """
-    batch, n_q, n_k, heads, head_dim = _check_inputs(q, k, v, bias, key_padding_mask)
+    batch, n_q, n_k, heads, head_dim = _shapes(q, k)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if grad_out.dim() == 3:
         grad_out = grad_out.unflatten(-1, (heads, head_dim))  # always a view

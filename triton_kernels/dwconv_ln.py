@@ -1,9 +1,10 @@
 """Triton kernels of ``DWConvLayerNorm``: a depthwise k x k convolution fused with LayerNorm over channels.
 
 ConvNeXt's block front (Liu et al. 2022, "A ConvNet for the 2020s"): ``out[b, h, w, :] = LayerNorm_C(dwconv_kxk(x)
-[b, :, h, w] + conv_bias)``, stride 1, zero "same" padding ``k // 2``, odd ``k`` in ``SUPPORTED_KERNEL_SIZES``.
+[b, :, h, w] + conv_bias)``, stride 1, zero "same" padding ``k // 2``, odd ``k`` in 3..13.
 Contract (shapes, dtypes, outputs) in csrc/ops.cpp; the launchers ``dwconv_ln_fwd`` / ``dwconv_ln_bwd`` have the
-signatures of the compiled ``pykernels::dwconv_ln_fwd`` / ``dwconv_ln_bwd`` ops and of pykernels/reference.py.
+signatures of the compiled ``pykernels::dwconv_ln_fwd`` / ``dwconv_ln_bwd`` ops and of pykernels/reference/dwconv_ln.py;
+the op (pykernels/ops/dwconv_ln.py) checks the arguments, the launchers only the kernels' own limits.
 
 Tiling: a program owns a ``BLOCK_H x BLOCK_W`` tile of pixels of one image (flattened to ``BLOCK_P`` rows) times a
 block of ``BLOCK_C`` channels. The k x k taps loop accumulates the conv in fp32 in registers, row-major over the
@@ -48,8 +49,6 @@ import triton.language as tl
 
 from ._common import MAX_GRID_Y, interpreting
 
-SUPPORTED_KERNEL_SIZES = (3, 5, 7, 9, 11, 13)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # no channel limit: C above SINGLE_PASS_MAX_CHANNELS (rounded up to a power of 2) runs the chunked two-pass path
 SINGLE_PASS_MAX_CHANNELS = 1024
 CHUNK_CHANNELS = 256  # BLOCK_C of the chunked path (ConvNeXt-L/XL: 1536 = 6 chunks, 2048 = 8)
@@ -603,33 +602,6 @@ def _dw_config(channels: int, ksize: int, interp: bool) -> tuple[int, int, int, 
 # ---- launchers --------------------------------------------------------------------------------------------------
 
 
-def _check_inputs(x, weight, conv_bias, ln_weight, ln_bias) -> int:
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, C, H, W); got shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"x dtype {x.dtype} not supported by the Triton dwconv_ln kernels (float32/float16/bfloat16)")
-    channels = x.shape[1]
-    ksize = weight.shape[-1]
-    if weight.dim() != 4 or tuple(weight.shape) != (channels, 1, ksize, ksize):
-        raise ValueError(f"weight must be (C, 1, k, k) = ({channels}, 1, k, k); got {tuple(weight.shape)}")
-    if ksize not in SUPPORTED_KERNEL_SIZES:
-        raise ValueError(
-            f"kernel size {ksize} not supported by the Triton dwconv_ln kernels "
-            f"(supported: {', '.join(map(str, SUPPORTED_KERNEL_SIZES))})"
-        )
-    for name, t in (("weight", weight), ("conv_bias", conv_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is None:
-            continue
-        if t.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{name} dtype {t.dtype} must be x's dtype ({x.dtype}) or float32")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-        if name != "weight" and tuple(t.shape) != (channels,):
-            raise ValueError(f"{name} must be ({channels},); got {tuple(t.shape)}")
-    _check_image_span("x", x)
-    return ksize
-
-
 def _check_image_span(name: str, t: torch.Tensor) -> None:
     # offsets inside one image are int32 in the kernels (the batch offset is int64)
     span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
@@ -647,14 +619,15 @@ def dwconv_ln_fwd(x, weight, conv_bias, ln_weight, ln_bias, eps: float):
 
     Args:
         x: (B, C, H, W) float32 / float16 / bfloat16, any strides (NCHW or channels-last read in place).
-        weight: (C, 1, k, k), k in ``SUPPORTED_KERNEL_SIZES``; conv_bias, ln_weight, ln_bias: (C,) or None. Each
+        weight: (C, 1, k, k), k odd in 3..13; conv_bias, ln_weight, ln_bias: (C,) or None. Each
             parameter in x's dtype or float32.
         eps: LayerNorm epsilon.
 
     Returns:
         (out (B, H, W, C) contiguous in x's dtype, mean (B, H, W) float32, rstd (B, H, W) float32).
     """
-    ksize = _check_inputs(x, weight, conv_bias, ln_weight, ln_bias)
+    ksize = weight.shape[-1]  # the arguments were checked by the op (pykernels/ops/dwconv_ln.py)
+    _check_image_span("x", x)
     batch, channels, height, width = x.shape
     out = torch.empty((batch, height, width, channels), dtype=x.dtype, device=x.device)
     mean = torch.empty((batch, height, width), dtype=torch.float32, device=x.device)
@@ -708,7 +681,8 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
         (grad_x (x's shape, dtype and layout), grad_weight (C, 1, k, k), grad_conv_bias, grad_ln_weight, grad_ln_bias
         (C,)), each parameter grad in its parameter's dtype; a (0,) tensor where not needed or the parameter is None.
     """
-    ksize = _check_inputs(x, weight, conv_bias, ln_weight, ln_bias)
+    ksize = weight.shape[-1]  # the arguments were checked by the op (pykernels/ops/dwconv_ln.py)
+    _check_image_span("x", x)
     batch, channels, height, width = x.shape
     if tuple(grad_out.shape) != (batch, height, width, channels):
         raise ValueError(

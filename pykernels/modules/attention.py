@@ -270,10 +270,15 @@ def _from_timm(cls, m: nn.Module, backend: str | None) -> FusedMHSA:
     if unsupported:
         raise TypeError(f"FusedMHSA cannot stand in for this timm Attention: {', '.join(unsupported)}")
     new = cls(
-        dim, m.num_heads, m.qkv.bias is not None, _dropout_p(getattr(m, "attn_drop", None)),
-        _dropout_p(getattr(m, "proj_drop", None)), False, float(getattr(m, "scale", (dim // m.num_heads) ** -0.5)),
+        dim,
+        m.num_heads,
+        m.qkv.bias is not None,
+        _dropout_p(getattr(m, "attn_drop", None)),
+        _dropout_p(getattr(m, "proj_drop", None)),
+        False,
+        float(getattr(m, "scale", (dim // m.num_heads) ** -0.5)),
         backend,
-    )  # fmt: skip
+    )
     if m.proj.bias is None:
         new.proj = nn.Linear(dim, dim, bias=False)
     new = new.to(m.qkv.weight)
@@ -290,9 +295,15 @@ def _from_hf_vit(m: nn.Module, backend: str | None) -> FusedViTAttention:
         raise TypeError("causal Hugging Face attention is not supported by from_module")
     has_bias = m.q_proj.bias is not None
     new = FusedViTAttention(
-        dim, heads, has_bias, float(getattr(m, "attention_dropout", 0.0) or 0.0), 0.0, False,
-        float(getattr(m, "scaling", m.head_dim**-0.5)), backend,
-    )  # fmt: skip
+        dim,
+        heads,
+        has_bias,
+        float(getattr(m, "attention_dropout", 0.0) or 0.0),
+        0.0,
+        False,
+        float(getattr(m, "scaling", m.head_dim**-0.5)),
+        backend,
+    )
     if m.o_proj.bias is None:
         new.proj = nn.Linear(dim, dim, bias=False)
     new = new.to(m.q_proj.weight)
@@ -357,9 +368,14 @@ class FusedMultiheadAttention(FusedMHSA):
     """
 
     def __init__(
-        self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, batch_first: bool = False,
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
         backend: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(embed_dim, num_heads, bias, dropout, 0.0, False, None, backend)
         if not bias:
             self.proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -407,11 +423,26 @@ class FusedMultiheadAttention(FusedMHSA):
         if self.batch_first and batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, weights = nn.functional.multi_head_attention_forward(
-            query, key, value, self.dim, self.num_heads, self.qkv.weight, self.qkv.bias, None, None, False,
-            self.attn_drop, self.proj.weight, self.proj.bias, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            average_attn_weights=average, is_causal=is_causal,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            self.dim,
+            self.num_heads,
+            self.qkv.weight,
+            self.qkv.bias,
+            None,
+            None,
+            False,
+            self.attn_drop,
+            self.proj.weight,
+            self.proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average,
+            is_causal=is_causal,
+        )
         if self.batch_first and batched:
             out = out.transpose(0, 1)
         return out, weights

@@ -29,6 +29,7 @@ from pykernels.modules.dwconv_ln import check_kernel_size, conv_reasons
 
 __all__ = ["ConvNeXtBlock", "ConvNeXtMlp", "can_convert", "unsupported_reasons"]
 
+
 def _dwconv_ln_nhwc(x, weight, conv_bias, ln_weight, ln_bias, eps, backend):
     """(B, H, W, C) contiguous ``LayerNorm_C(dwconv(x))``: one fused pykernels op, forward and backward."""
     return PF.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, eps, out_layout="nhwc", backend=backend)
@@ -159,9 +160,16 @@ class ConvNeXtBlock(nn.Module):
         # does. The result, viewed back as (B, C, H, W), is channels-last, so every following block reads it as is.
         dp = self.drop_path
         out = PF.drop_path_add(
-            x.permute(0, 2, 3, 1), y, dp.drop_prob, self.gamma, dp.training, dp.scale_by_keep, dp.backend,
-            mode=dp.mode, rng=dp.rng,
-        )  # fmt: skip
+            x.permute(0, 2, 3, 1),
+            y,
+            dp.drop_prob,
+            self.gamma,
+            dp.training,
+            dp.scale_by_keep,
+            dp.backend,
+            mode=dp.mode,
+            rng=dp.rng,
+        )
         return out.permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
@@ -208,8 +216,17 @@ class ConvNeXtBlock(nn.Module):
                 dropout inside the MLP, a norm that is not a LayerNorm over channels.
         """
         if isinstance(module, ConvNeXtBlock):
-            parts = _Parts("pykernels", module.conv_dw, module.norm, module.mlp.fc1, module.mlp.act, module.mlp.fc2,
-                           module.gamma, module.drop_path, module.mlp.conv)  # fmt: skip
+            parts = _Parts(
+                "pykernels",
+                module.conv_dw,
+                module.norm,
+                module.mlp.fc1,
+                module.mlp.act,
+                module.mlp.fc2,
+                module.gamma,
+                module.drop_path,
+                module.mlp.conv,
+            )
             backend = backend or module.backend
         else:
             parts = _parts(module)
@@ -309,8 +326,11 @@ def _mlp_reasons(fc1: nn.Module, fc2: nn.Module, dim: int, conv: bool) -> list[s
                 reasons.append(f"{name} is a {type(layer).__name__}, not a 1x1 nn.Conv2d")
                 continue
             if (tuple(layer.kernel_size), tuple(layer.stride), layer.groups, tuple(layer.dilation)) != (
-                (1, 1), (1, 1), 1, (1, 1)
-            ) or (layer.padding != "same" and tuple(layer.padding) != (0, 0)):  # fmt: skip
+                (1, 1),
+                (1, 1),
+                1,
+                (1, 1),
+            ) or (layer.padding != "same" and tuple(layer.padding) != (0, 0)):
                 reasons.append(f"{name} is not a plain 1x1 convolution ({layer})")
             ins, outs = layer.in_channels, layer.out_channels
         else:
@@ -390,8 +410,9 @@ def _parts(m: nn.Module) -> _Parts | None:
         problems += _dropout_reasons(getattr(mlp, "drop1", None), getattr(mlp, "drop2", None))
         if not all(hasattr(mlp, n) for n in ("fc1", "act", "fc2")):
             problems.append(f"the MLP ({type(mlp).__name__}) has no fc1 / act / fc2")
-            return _Parts("timm", m.conv_dw, m.norm, nn.Identity(), nn.Identity(), nn.Identity(), None, None,
-                          conv_mlp, problems)  # fmt: skip
+            return _Parts(
+                "timm", m.conv_dw, m.norm, nn.Identity(), nn.Identity(), nn.Identity(), None, None, conv_mlp, problems
+            )
         norm_name = _qualname(m.norm)
         if conv_mlp and norm_name in _CHANNEL_LAST_NORMS:
             problems.append("a channels-last LayerNorm in a conv_mlp block (it would normalise over W)")
@@ -403,23 +424,51 @@ def _parts(m: nn.Module) -> _Parts | None:
         expected = ("Conv2d", "Permute", None, "Linear", None, "Linear", "Permute")
         names = [type(layer).__name__ for layer in block]
         if len(block) != 7 or any(e is not None and e != n for e, n in zip(expected, names)):
-            return _Parts("torchvision", block[0] if len(block) else nn.Identity(), nn.Identity(), nn.Identity(),
-                          nn.Identity(), nn.Identity(), None, None, False,
-                          [f"unexpected CNBlock.block layout {names}"])  # fmt: skip
+            return _Parts(
+                "torchvision",
+                block[0] if len(block) else nn.Identity(),
+                nn.Identity(),
+                nn.Identity(),
+                nn.Identity(),
+                nn.Identity(),
+                None,
+                None,
+                False,
+                [f"unexpected CNBlock.block layout {names}"],
+            )
         problems = []
         if list(block[1].dims) != [0, 2, 3, 1] or list(block[6].dims) != [0, 3, 1, 2]:
             problems.append(f"unexpected permutations {block[1].dims} / {block[6].dims}")
-        return _Parts("torchvision", block[0], block[2], block[3], block[4], block[5], m.layer_scale,
-                      m.stochastic_depth, False, problems)  # fmt: skip
+        return _Parts(
+            "torchvision",
+            block[0],
+            block[2],
+            block[3],
+            block[4],
+            block[5],
+            m.layer_scale,
+            m.stochastic_depth,
+            False,
+            problems,
+        )
     if _is_hf_layer(m):
         problems = []
         if hasattr(m, "grn"):
             problems.append("GRN (ConvNeXt-V2)")
         if getattr(m.layernorm, "data_format", "channels_last") != "channels_last":
             problems.append(f"layernorm data_format={m.layernorm.data_format!r}")
-        return _Parts("huggingface", m.dwconv, m.layernorm, m.pwconv1, getattr(m, "act", nn.Identity()), m.pwconv2,
-                      getattr(m, "layer_scale_parameter", None), getattr(m, "drop_path", None), False,
-                      problems)  # fmt: skip
+        return _Parts(
+            "huggingface",
+            m.dwconv,
+            m.layernorm,
+            m.pwconv1,
+            getattr(m, "act", nn.Identity()),
+            m.pwconv2,
+            getattr(m, "layer_scale_parameter", None),
+            getattr(m, "drop_path", None),
+            False,
+            problems,
+        )
     if _is_official_layout(m):
         problems = []
         if hasattr(m, "grn"):
@@ -429,8 +478,18 @@ def _parts(m: nn.Module) -> _Parts | None:
         gamma = m.gamma if isinstance(m.gamma, torch.Tensor) else None
         if m.gamma is not None and gamma is None:
             problems.append(f"gamma is a {type(m.gamma).__name__}, not a tensor")
-        return _Parts(f"{type(m).__module__}.{type(m).__name__}", m.dwconv, m.norm, m.pwconv1, m.act, m.pwconv2,
-                      gamma, m.drop_path, False, problems)  # fmt: skip
+        return _Parts(
+            f"{type(m).__module__}.{type(m).__name__}",
+            m.dwconv,
+            m.norm,
+            m.pwconv1,
+            m.act,
+            m.pwconv2,
+            gamma,
+            m.drop_path,
+            False,
+            problems,
+        )
     return None
 
 
@@ -461,9 +520,16 @@ def _build(cls, parts: _Parts, module: nn.Module, backend: str | None) -> ConvNe
     has_drop_path = parts.drop_path is not None and not isinstance(parts.drop_path, nn.Identity)
     drop = DropPath.from_module(parts.drop_path) if has_drop_path else DropPath(0.0)
     new = cls(
-        dim, 0.0, 1.0 if parts.gamma is not None else None, k, eps=float(norm.eps), conv_mlp=parts.conv_mlp,
-        conv_bias=conv.bias is not None, hidden_dim=hidden, backend=backend,
-    )  # fmt: skip
+        dim,
+        0.0,
+        1.0 if parts.gamma is not None else None,
+        k,
+        eps=float(norm.eps),
+        conv_mlp=parts.conv_mlp,
+        conv_bias=conv.bias is not None,
+        hidden_dim=hidden,
+        backend=backend,
+    )
     drop.backend = backend or drop.backend
     new.drop_path = drop
     affine = getattr(norm, "weight", None) is not None
@@ -473,12 +539,16 @@ def _build(cls, parts: _Parts, module: nn.Module, backend: str | None) -> ConvNe
     ref = conv.weight
     new = new.to(device=ref.device, dtype=ref.dtype)
     pairs = [
-        (new.conv_dw.weight, conv.weight), (new.conv_dw.bias, conv.bias),
-        (new.norm.weight, getattr(norm, "weight", None)), (new.norm.bias, getattr(norm, "bias", None)),
-        (new.mlp.fc1.weight, fc1.weight), (new.mlp.fc1.bias, fc1.bias),
-        (new.mlp.fc2.weight, fc2.weight), (new.mlp.fc2.bias, fc2.bias),
+        (new.conv_dw.weight, conv.weight),
+        (new.conv_dw.bias, conv.bias),
+        (new.norm.weight, getattr(norm, "weight", None)),
+        (new.norm.bias, getattr(norm, "bias", None)),
+        (new.mlp.fc1.weight, fc1.weight),
+        (new.mlp.fc1.bias, fc1.bias),
+        (new.mlp.fc2.weight, fc2.weight),
+        (new.mlp.fc2.bias, fc2.bias),
         (new.gamma, parts.gamma),
-    ]  # fmt: skip
+    ]
     with torch.no_grad():
         for dst, src in pairs:
             if dst is None:

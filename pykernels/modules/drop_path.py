@@ -30,9 +30,13 @@ class DropPath(nn.Module):
     """
 
     def __init__(
-        self, drop_prob: float = 0.0, scale_by_keep: bool = True, mode: str = "row", rng: str = "bernoulli",
+        self,
+        drop_prob: float = 0.0,
+        scale_by_keep: bool = True,
+        mode: str = "row",
+        rng: str = "bernoulli",
         backend: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         check_drop_args(drop_prob, mode, rng)
         self.drop_prob = float(drop_prob)

@@ -107,9 +107,15 @@ class DWConvLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.dwconv_ln(
-            x, self.conv_dw.weight, self.conv_dw.bias, self.norm.weight, self.norm.bias, self.norm.eps,
-            self.out_layout, self.backend,
-        )  # fmt: skip
+            x,
+            self.conv_dw.weight,
+            self.conv_dw.bias,
+            self.norm.weight,
+            self.norm.bias,
+            self.norm.eps,
+            self.out_layout,
+            self.backend,
+        )
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"kernel_size={self.kernel_size}", f"eps={self.norm.eps}"]
@@ -170,14 +176,24 @@ class DWConvLayerNorm(nn.Module):
             out_layout = "nchw" if channels_first else "nhwc"
 
         new = cls(
-            dim, k[0], float(eps), bias=conv.bias is not None, out_layout=out_layout, backend=backend,
-            device=conv.weight.device, dtype=conv.weight.dtype,
-        )  # fmt: skip
+            dim,
+            k[0],
+            float(eps),
+            bias=conv.bias is not None,
+            out_layout=out_layout,
+            backend=backend,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
         if ln_weight is None or ln_bias is None:  # LayerNorm(elementwise_affine=False) or (bias=False)
             new.norm = nn.LayerNorm(
-                dim, eps=float(eps), elementwise_affine=ln_weight is not None, bias=ln_bias is not None,
-                device=conv.weight.device, dtype=(ln_weight if ln_weight is not None else conv.weight).dtype,
-            )  # fmt: skip
+                dim,
+                eps=float(eps),
+                elementwise_affine=ln_weight is not None,
+                bias=ln_bias is not None,
+                device=conv.weight.device,
+                dtype=(ln_weight if ln_weight is not None else conv.weight).dtype,
+            )
         elif ln_weight.dtype != conv.weight.dtype or ln_weight.device != conv.weight.device:
             new.norm.to(device=ln_weight.device, dtype=ln_weight.dtype)
         with torch.no_grad():
@@ -189,9 +205,11 @@ class DWConvLayerNorm(nn.Module):
             if ln_bias is not None:
                 new.norm.bias.copy_(ln_bias)
         pairs = (
-            (new.conv_dw.weight, conv.weight), (new.conv_dw.bias, conv.bias),
-            (new.norm.weight, ln_weight), (new.norm.bias, ln_bias),
-        )  # fmt: skip
+            (new.conv_dw.weight, conv.weight),
+            (new.conv_dw.bias, conv.bias),
+            (new.norm.weight, ln_weight),
+            (new.norm.bias, ln_bias),
+        )
         for param, src in pairs:
             if param is not None and src is not None:
                 param.requires_grad_(src.requires_grad)  # frozen layers stay frozen

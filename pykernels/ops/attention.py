@@ -173,9 +173,21 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias, key_padding_mask = ctx.saved_tensors
     causal, scale, dropout_p, seed = ctx.args
     dq, dk, dv, dbias = attention_backward(
-        grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed,
-        ctx.need_grad_bias, ctx.backend,
-    )  # fmt: skip
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        ctx.need_grad_bias,
+        ctx.backend,
+    )
     return dq, dk, dv, (dbias if ctx.need_grad_bias else None), None, None, None, None, None, None
 
 

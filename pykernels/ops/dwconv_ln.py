@@ -197,9 +197,13 @@ def dwconv_ln(
     """(out (B, H, W, C), mean (B, H, W), rstd (B, H, W)); see :func:`pykernels.functional.dwconv_ln`."""
     fwd, _ = OP.kernels(select_backend(x, weight, conv_bias, ln_weight, ln_bias, backend=backend))
     out, mean, rstd = fwd(
-        kernel_layout(x), weight.contiguous(), _contiguous(conv_bias), _contiguous(ln_weight), _contiguous(ln_bias),
+        kernel_layout(x),
+        weight.contiguous(),
+        _contiguous(conv_bias),
+        _contiguous(ln_weight),
+        _contiguous(ln_bias),
         float(eps),
-    )  # fmt: skip
+    )
     return distinct((out, mean, rstd), (x, weight, conv_bias, ln_weight, ln_bias))
 
 
@@ -226,9 +230,18 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
     if not (ctx.need_grad_x or ctx.need_grad_params):
         return None, None, None, None, None, None, None
     grads = dwconv_ln_backward(
-        grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, ctx.need_grad_x, ctx.need_grad_params,
+        grad_out,
+        x,
+        weight,
+        conv_bias,
+        ln_weight,
+        ln_bias,
+        mean,
+        rstd,
+        ctx.need_grad_x,
+        ctx.need_grad_params,
         ctx.backend,
-    )  # fmt: skip
+    )
     grad_x = grads[0] if ctx.need_grad_x else None
     present = (weight, conv_bias, ln_weight, ln_bias)
     param_grads = [
@@ -269,14 +282,23 @@ def dwconv_ln_backward(
     _, bwd = OP.kernels(name)
     x = kernel_layout(x)
     grads = bwd(
-        grad_out.contiguous(), x, weight.contiguous(), _contiguous(conv_bias), _contiguous(ln_weight),
-        _contiguous(ln_bias), mean.contiguous(), rstd.contiguous(), need_grad_x, need_grad_params,
-    )  # fmt: skip
+        grad_out.contiguous(),
+        x,
+        weight.contiguous(),
+        _contiguous(conv_bias),
+        _contiguous(ln_weight),
+        _contiguous(ln_bias),
+        mean.contiguous(),
+        rstd.contiguous(),
+        need_grad_x,
+        need_grad_params,
+    )
     return distinct(grads, (grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd))
 
 
-def _bwd_fake(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params,
-              backend=None):  # fmt: skip
+def _bwd_fake(
+    grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params, backend=None
+):
     # the contract (csrc/ops.cpp): an empty_like(x) gradient for x; parameter gradients in their parameter's shape
     # and dtype; (0,) tensors of x's dtype for what is not computed
     x = kernel_layout(x)

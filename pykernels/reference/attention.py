@@ -182,9 +182,20 @@ def attention_fwd(q, k, v, bias, key_padding_mask, causal: bool, scale: float, d
 
 
 def attention_bwd(
-    grad_out, q, k, v, out, lse, bias, key_padding_mask, causal: bool, scale: float, dropout_p: float, seed: int,
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    key_padding_mask,
+    causal: bool,
+    scale: float,
+    dropout_p: float,
+    seed: int,
     need_grad_bias: bool,
-):  # fmt: skip
+):
     """(dq, dk, dv as (B, N, H, D), dbias or None) of the torch backend."""
     if _cpu_flash(q, dropout_p) and not need_grad_bias:
         dq, dk, dv = _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale)

@@ -9,6 +9,7 @@ from pykernels._dtypes import compute_dtype
 
 __all__ = ["dwconv_ln", "dwconv_ln_fwd", "dwconv_ln_bwd"]
 
+
 def dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, eps: float, dtype: torch.dtype | None = None):
     """``LayerNorm_C(depthwise_conv(x) + conv_bias)`` as (B, H, W, C), computed in ``dtype`` (the oracle: float64).
 

@@ -8,7 +8,8 @@ N, 3, H, D) projection (all strides multiples of 16, head-dim stride 1 -> conste
 bias (batch stride 0, key stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0).
 Every autotune config that the prune filter keeps (``K.GATED_CONFIGS``, sm_80's shared memory) is compiled with the
 heaviest flags (bias + padding mask (+ dbias), dropout on and off) at head dims 64 / 80 / 128 / 256 in fp16, 64 / 128
-in bf16 and 64 in fp32 (``K.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every candidate spills is marked
+in bf16 and 64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every
+candidate spills is marked
 xfail); the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
 preprocessing kernel at every head dim and dtype. Calibrating ``K.GATED_CONFIGS``: compile every candidate with
 ``_aot_specs(heavy=..., filter_configs=False, variations=False)`` (``aot.check`` on each) and keep the rows without
@@ -20,6 +21,8 @@ from __future__ import annotations
 import itertools
 
 import torch
+
+from pykernels.ops import attention as ATTENTION_OP
 from pykernels.triton_kernels import attention as K
 
 
@@ -190,8 +193,8 @@ def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True)
         for causal, bias, dropout in itertools.product((False, True), repeat=3):
             if variations and (causal, bias) != (False, True):
                 specs.append(make(kernel, kept(kernel, 64, f16, dropout)[0], f16, 64, causal, bias, False, dropout))
-    for dtype, head_dim in itertools.product((f16, bf16, f32), K.SUPPORTED_HEAD_DIMS if variations else ()):
-        if dtype != f32 or head_dim <= K.FP32_MAX_HEAD_DIM:
+    for dtype, head_dim in itertools.product((f16, bf16, f32), ATTENTION_OP.SUPPORTED_HEAD_DIMS if variations else ()):
+        if dtype != f32 or head_dim <= ATTENTION_OP.FP32_MAX_HEAD_DIM:
             specs.append(preprocess(dtype, head_dim))
     return specs
 

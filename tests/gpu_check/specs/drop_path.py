@@ -16,6 +16,7 @@ import itertools
 
 import torch
 import triton.language as tl
+
 from pykernels.triton_kernels import drop_path as K
 
 

@@ -14,6 +14,7 @@ import itertools
 
 import torch
 import triton
+
 from pykernels.triton_kernels import dwconv_ln as K
 
 

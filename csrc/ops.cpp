@@ -52,4 +52,41 @@ TORCH_LIBRARY(pykernels, m) {
   m.def(
       "dwconv_ln_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? conv_bias, Tensor? ln_weight, "
       "Tensor? ln_bias, Tensor mean, Tensor rstd, bool need_grad_x, bool need_grad_params) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- mbconv_se -------------------------------------------------------------------------------------------
+  // The depthwise stage of an MBConv block (MobileNet-V2/V3, EfficientNet) with the squeeze of its SE layer:
+  //   y0[b, c, i, j] = sum_{u, v < k} weight[c, 0, u, v] * x[b, c, i * stride - pad_t + u, j * stride - pad_l + v]
+  //                    + conv_bias[c]                       (x is 0 outside [0, H) x [0, W): zero padding)
+  //   batch_stats: mean, var = biased statistics of y0 over (B, out_h, out_w) (no E[y^2] - E[y]^2 cancellation);
+  //   else mean, var = running_mean, running_var
+  //   y = (y0 - mean[c]) * rsqrt(var[c] + eps) * bn_weight[c] + bn_bias[c];  z = act(y)
+  //   act: "none", "relu", "relu6", "silu", "hardswish" (PyTorch's definitions)
+  //   x          (B, C, H, W) NCHW- or channels_last-contiguous, float16 / bfloat16 / float32 (cpu also float64)
+  //   weight     (C, 1, k, k) contiguous, k in {3, 5, 7}; stride 1 or 2; pad_t, pad_l >= 0; out_h, out_w >= 1
+  //              (the bottom / right padding is whatever out_h, out_w imply: asymmetric "same" padding included)
+  //   conv_bias, bn_weight, bn_bias (C,) or None (0, 1, 0); running_mean, running_var (C,), needed unless
+  //              batch_stats; every parameter x's dtype or float32 (float64 x: float64)
+  //   returns    out (B, out_h, out_w, C) contiguous in x's dtype (= z; a channels_last (B, C, out_h, out_w) view),
+  //              pooled (B, C) = sum over (out_h, out_w) of z, and (batch_stats) mean, var (C,); stats dtype
+  //              float32 (float64 for float64 x); mean, var are (0,) unless batch_stats
+  //   math: fp32 accumulation (fp64 for fp64); taps summed row-major (u, then v)
+  m.def(
+      "mbconv_se_fwd(Tensor x, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, float eps, int stride, int pad_t, int pad_l, int out_h, int out_w, "
+      "str act, bool batch_stats) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward (recomputes y0 from x: nothing of size B*H*W*C is saved besides x):
+  //   mean, var: the statistics the forward used (running, or the batch's it returned)
+  //   g = (grad_out + grad_pooled[b, c]) * act'(y);  xhat = (y0 - mean) * rstd
+  //   grad_bn_bias = sum g;  grad_bn_weight = sum g * xhat         (sums over b, i, j)
+  //   dy0 = rstd * bn_weight * g                                   (running statistics)
+  //   dy0 = rstd * bn_weight * (g - sum g / N - xhat * sum(g * xhat) / N),  N = B * out_h * out_w   (batch_stats)
+  //   grad_conv_bias = sum dy0; grad_x = the transposed strided depthwise conv of dy0; grad_weight = sum dy0 * x
+  //   grad_out (B, out_h, out_w, C) contiguous; grad_pooled (B, C) float32 or None
+  //   returns (grad_x: empty_like(x), x's dtype, (0,) unless need_grad_x; grad_weight, grad_conv_bias,
+  //            grad_bn_weight, grad_bn_bias: each its parameter's shape and dtype, (0,) of x's dtype when that
+  //            parameter is None or !need_grad_params)
+  m.def(
+      "mbconv_se_bwd(Tensor grad_out, Tensor? grad_pooled, Tensor x, Tensor weight, Tensor? conv_bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, float eps, int stride, int pad_t, int pad_l, "
+      "str act, bool batch_stats, bool need_grad_x, bool need_grad_params) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

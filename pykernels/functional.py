@@ -23,11 +23,12 @@ from pykernels._dtypes import promote_dtypes
 from pykernels.ops import attention as _attention_ops
 from pykernels.ops import drop_path as _drop_path_ops
 from pykernels.ops import dwconv_ln as _dwconv_ln_ops
+from pykernels.ops import mbconv_se as _mbconv_se_ops
 from pykernels.ops.drop_path import channel_dim as _channel_dim
 from pykernels.ops.drop_path import check_drop_args as _check_drop_args
 from pykernels.ops.drop_path import check_tensor as _check_tensor
 
-__all__ = ["attention", "drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln"]
+__all__ = ["attention", "drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln", "mbconv_se"]
 
 
 def _draw(branch: torch.Tensor, gamma, drop_prob, training, scale_by_keep, mode, rng) -> torch.Tensor | None:
@@ -273,3 +274,111 @@ def attention(
         q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed, backend
     )
     return out.view(batch, n_q, heads, head_dim)
+
+
+# ---- mbconv_se ---------------------------------------------------------------------------------------------------
+
+
+def mbconv_se(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_bias: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int | tuple[int, int, int, int] | None = None,
+    act: str = "silu",
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act(BatchNorm(depthwise_conv(x)))`` and the SE squeeze of it, in one pass over the expanded activation.
+
+    The depthwise stage of an MBConv block: ``F.batch_norm(F.conv2d(F.pad(x, padding), weight, conv_bias, stride,
+    groups=C), running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)`` followed by ``act``, with
+    ``out.sum((2, 3))`` (what SE's average pool needs, times H * W) computed from the same values. Backward recomputes
+    the conv from x: autograd keeps x, the parameters and the (C,) statistics only.
+
+    Args:
+        x: ``(B, C, H, W)`` NCHW- or channels_last-contiguous (other strides: one copy). float16, bfloat16, float32,
+            float64 (float64 on ``cpp`` and ``torch``).
+        weight: ``(C, 1, k, k)`` depthwise weight, k in 3, 5, 7.
+        conv_bias, bn_weight, bn_bias: ``(C,)`` or None. Each parameter x's dtype or float32.
+        running_mean, running_var: ``(C,)`` BatchNorm buffers: used when not ``training``; updated in place when
+            ``training`` (as ``F.batch_norm``: ``running = (1 - momentum) * running + momentum * batch``, the
+            unbiased batch variance), unless None.
+        training: normalise with the batch's statistics (biased variance), as BatchNorm in training mode.
+        momentum: BatchNorm's exponential average factor (``nn.BatchNorm2d`` passes ``1 / num_batches_tracked``
+            for ``momentum=None``); None: no update.
+        eps: BatchNorm epsilon.
+        stride: 1 or 2.
+        padding: ``(left, right, top, bottom)`` zero padding as ``F.pad`` takes it (asymmetric "same" padding of
+            TensorFlow-ported models included), an int for all four sides, or None for ``k // 2``.
+        act: ``"silu"``, ``"relu"``, ``"relu6"``, ``"hardswish"`` or ``"none"``.
+        backend: ``"cuda"``, ``"triton"``, ``"cpp"`` or ``"torch"``; None chooses (see :mod:`pykernels.backends`).
+
+    Returns:
+        ``out``: ``(B, C, H_out, W_out)`` in x's dtype, channels-last in memory (what a 1x1 projection wants), and
+        ``pooled``: ``(B, C)`` float32 (float64 for float64 x) sums of ``out`` over ``(H_out, W_out)``.
+    """
+    kernel = weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 4 else 0
+    if padding is None:
+        padding = kernel // 2
+    if isinstance(padding, int):
+        padding = (padding,) * 4
+    if len(padding) != 4 or any(not isinstance(p, int) for p in padding):
+        raise ValueError(f"padding must be an int or (left, right, top, bottom) ints, got {padding!r}")
+    pad_l, pad_r, pad_t, pad_b = padding
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        _mbconv_se_ops.check_args(
+            x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, stride, 0, 0, 1, 1, act, training
+        )  # raises
+    out_h = _mbconv_se_ops.output_size(x.shape[2], kernel, stride, pad_t, pad_b)
+    out_w = _mbconv_se_ops.output_size(x.shape[3], kernel, stride, pad_l, pad_r)
+    _mbconv_se_ops.check_args(
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        eps,
+        stride,
+        pad_t,
+        pad_l,
+        out_h,
+        out_w,
+        act,
+        training,
+    )
+    if training and x.shape[0] * out_h * out_w == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+    out, pooled, mean, var = _mbconv_se_ops.mbconv_se(
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        None if training else running_mean,
+        None if training else running_var,
+        float(eps),
+        int(stride),
+        pad_t,
+        pad_l,
+        out_h,
+        out_w,
+        act,
+        bool(training),
+        backend,
+    )
+    if training and momentum is not None and running_mean is not None:
+        count = x.shape[0] * out_h * out_w
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (count / max(count - 1, 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out.permute(0, 3, 1, 2), pooled

@@ -12,6 +12,7 @@ from pykernels.reference.drop_path import (
     drop_path_add_fwd,
 )
 from pykernels.reference.dwconv_ln import dwconv_ln, dwconv_ln_bwd, dwconv_ln_fwd
+from pykernels.reference.mbconv_se import mbconv_se, mbconv_se_bwd, mbconv_se_fwd
 
 __all__ = [
     "attention_bwd",
@@ -25,5 +26,8 @@ __all__ = [
     "dwconv_ln",
     "dwconv_ln_bwd",
     "dwconv_ln_fwd",
+    "mbconv_se",
+    "mbconv_se_bwd",
+    "mbconv_se_fwd",
     "promote_dtypes",
 ]

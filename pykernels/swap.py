@@ -15,6 +15,10 @@ is visited again):
   (fused dwconv + LayerNorm, fused layer-scale + DropPath + residual; same values in eval mode up to float32
   rounding, same DropPath mask in training mode). Variants it does not compute (ConvNeXt-V2's GRN, strided or
   channel-changing blocks, other activations) are left alone.
+* ``"mbconv"`` (default): timm ``InvertedResidual`` / ``DepthwiseSeparableConv`` / ``EdgeResidual``, torchvision
+  ``MBConv`` / ``FusedMBConv`` / MobileNet-V3 ``InvertedResidual``, Hugging Face ``EfficientNetBlock``, the seeds'
+  ``FusedMBConv`` -> :class:`pykernels.FusedMBConvSE`, which keeps the block's own submodules (state_dict keys
+  unchanged). Variants it does not compute (anti-aliasing, dilation, other norms or activations) are left alone.
 * ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
   :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
 * ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA``.
@@ -27,9 +31,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from pykernels.modules import ConvNeXtBlock, DropPath, FusedMHSA
+from pykernels.modules import ConvNeXtBlock, DropPath, FusedMBConvSE, FusedMHSA
 from pykernels.modules.attention import can_convert as _is_attention
 from pykernels.modules.convnext import can_convert as _is_convnext_block
+from pykernels.modules.mbconv_se import can_convert as _is_mbconv
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ def _is_drop_path(m: nn.Module) -> bool:
 CONVERTERS: list[Converter] = [
     # before "drop_path": a whole block is replaced (its DropPath with it) before its parts are considered
     Converter("convnext_block", _is_convnext_block, ConvNeXtBlock.from_module),
+    Converter("mbconv", _is_mbconv, FusedMBConvSE.from_module),
     Converter("drop_path", _is_drop_path, DropPath.from_module),
     # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path)
     Converter("attention", _is_attention, FusedMHSA.from_module, default=False),
@@ -71,7 +77,7 @@ def swap(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
-        include: kinds to swap (default: ``"convnext_block"`` and ``"drop_path"``; ``"attention"`` - timm
+        include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"`` and ``"drop_path"``; ``"attention"`` - timm
             ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA`` - is opt-in for now).
             See the module docstring for what each kind replaces.
         exclude: kinds to leave alone.

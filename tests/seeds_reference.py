@@ -1,10 +1,12 @@
 """The reference modules this project was created from (../shared/seeds/), copied verbatim (reformatted only), for
 the drop-in parity tests: DropPath and ConvNeXtBlock (003_8d8ded4205e85488.txt), SelfAttention
-(003_8d8ded4205e85488.txt) and MHSA (002_ee3eb2434317a6c3.txt)."""
+(003_8d8ded4205e85488.txt), MHSA (002_ee3eb2434317a6c3.txt), FusedMBConv and SEModule (003_8d8ded4205e85488.txt,
+"EfficientNet V2")."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -110,3 +112,52 @@ class MHSA(nn.Module):  # 002_ee3eb2434317a6c3.txt, Transformers section
         attn = w @ v
         attn = attn.transpose(1, 2).contiguous().view(B, T, D)
         return self.proj(attn)
+
+
+class FusedMBConv(nn.Module):  # 003_8d8ded4205e85488.txt, "EfficientNet V2"
+    """Fused-MBConv block for EfficientNet V2."""
+
+    def __init__(self, in_channels, out_channels, expand_ratio=4, stride=1):
+        super().__init__()
+        hidden_dim = in_channels * expand_ratio
+
+        # Fused expand + depthwise conv
+        self.fused = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.SiLU(),  # Swish activation
+        )
+
+        # Squeeze-and-Excitation
+        self.se = SEModule(hidden_dim, reduction=4)
+
+        # Project
+        self.project = nn.Sequential(
+            nn.Conv2d(hidden_dim, out_channels, 1, 1, 0, bias=False), nn.BatchNorm2d(out_channels)
+        )
+
+        self.skip = stride == 1 and in_channels == out_channels
+
+    def forward(self, x):
+        identity = x
+        x = self.fused(x)
+        x = self.se(x)
+        x = self.project(x)
+        if self.skip:
+            x = x + identity
+        return x
+
+
+class SEModule(nn.Module):  # 003_8d8ded4205e85488.txt
+    """Squeeze-and-Excitation block."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x):
+        w = F.adaptive_avg_pool2d(x, 1)
+        w = F.relu(self.fc1(w))
+        w = torch.sigmoid(self.fc2(w))
+        return x * w

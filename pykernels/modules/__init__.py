@@ -4,5 +4,15 @@ from pykernels.modules.attention import FusedMHSA, FusedMultiheadAttention, Fuse
 from pykernels.modules.convnext import ConvNeXtBlock
 from pykernels.modules.drop_path import DropPath
 from pykernels.modules.dwconv_ln import DWConvLayerNorm
+from pykernels.modules.mbconv_se import FusedMBConvSE, SqueezeExcite
 
-__all__ = ["ConvNeXtBlock", "DropPath", "DWConvLayerNorm", "FusedMHSA", "FusedMultiheadAttention", "FusedViTAttention"]
+__all__ = [
+    "ConvNeXtBlock",
+    "DropPath",
+    "DWConvLayerNorm",
+    "FusedMBConvSE",
+    "FusedMHSA",
+    "FusedMultiheadAttention",
+    "FusedViTAttention",
+    "SqueezeExcite",
+]

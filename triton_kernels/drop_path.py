@@ -28,6 +28,16 @@ BWD_NUM_WARPS = 8
 
 
 @triton.jit
+def _narrow(value, DTYPE: tl.constexpr):
+    """``value`` (accumulated in float32 or float64) in the output's DTYPE, as PyTorch casts it: a float64 value goes
+    to float16 / bfloat16 through float32 (c10's constructors take a float; a direct float64 -> bfloat16 cast also
+    computes wrong values under the Triton interpreter)."""
+    if DTYPE == tl.float64:
+        return value.to(DTYPE)
+    return value.to(tl.float32).to(DTYPE)
+
+
+@triton.jit
 def _drop_path_add_fwd_kernel(
     OUT,
     RESIDUAL,
@@ -61,7 +71,7 @@ def _drop_path_add_fwd_kernel(
     # residual add
     if HAS_RESIDUAL:
         value = value + tl.load(RESIDUAL + b * stride_residual_b + r, mask=in_row, other=0.0).to(ACC_DTYPE)
-    tl.store(OUT + b * R + r, value.to(OUT.dtype.element_ty), mask=in_row)
+    tl.store(OUT + b * R + r, _narrow(value, OUT.dtype.element_ty), mask=in_row)
 
 
 @triton.jit
@@ -122,7 +132,7 @@ def _drop_path_add_bwd_kernel(
             if NEED_GRAD_BRANCH:
                 # grad_branch has grad_out's dense layout: batch stride R = OUTER * C
                 gb_ptrs = GRAD_BRANCH + (sample * OUTER * C + row)[:, None] + channel[None, :]
-                tl.store(gb_ptrs, grad_branch.to(GRAD_BRANCH.dtype.element_ty), mask=mask)
+                tl.store(gb_ptrs, _narrow(grad_branch, GRAD_BRANCH.dtype.element_ty), mask=mask)
         partial = tl.sum(acc, axis=0)
     else:
         # NCHW-like: tile [BLOCK_C channels, BLOCK_I inner positions], inner positions contiguous in memory
@@ -148,7 +158,7 @@ def _drop_path_add_bwd_kernel(
                         grad_branch = grad_out * gamma[:, None]
                 if NEED_GRAD_BRANCH:
                     gb_ptrs = GRAD_BRANCH + sample * OUTER * C * CHANNEL_STRIDE + offs
-                    tl.store(gb_ptrs, grad_branch.to(GRAD_BRANCH.dtype.element_ty), mask=mask)
+                    tl.store(gb_ptrs, _narrow(grad_branch, GRAD_BRANCH.dtype.element_ty), mask=mask)
         partial = tl.sum(acc, axis=1)
     tl.store(PARTIAL + pid_m * C + channel, partial, mask=channel_ok)
 

@@ -55,6 +55,9 @@ def channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
     (C, 1, 1) or (1, C, 1, 1) -> dim -3 (NCHW). Raises ValueError for any other gamma."""
     if gamma.numel() == 1 and 1 <= branch.dim() - gamma.dim() and branch.shape[branch.dim() - gamma.dim()] == 1:
         return branch.dim() - gamma.dim()  # C = 1: (1, 1, 1) is NCHW's (C, 1, 1), not a per-W scale
+    if gamma.dim() == branch.dim() == 4 and gamma.shape[0] == 1 and gamma.shape[2:] == (1, 1):
+        if gamma.shape[1] == branch.shape[1]:
+            return 1  # (1, C, 1, 1), C = 1 included
     shape = list(gamma.shape)
     while len(shape) > 1 and shape[0] == 1:
         shape.pop(0)
@@ -66,7 +69,7 @@ def channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
     if len(shape) != 1 or dim < 1 or branch.shape[dim] != shape[0]:
         raise ValueError(
             f"gamma must be a per-channel layer-scale that broadcasts over one non-batch dim of branch: (C,) for "
-            f"channels-last or (B, N, C) tokens, (C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} for branch "
+            f"channels-last or (B, N, C) tokens, (C, 1, 1) or (1, C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} for branch "
             f"{tuple(branch.shape)}"
         )
     return dim

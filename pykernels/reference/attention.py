@@ -32,6 +32,7 @@ def _additive_mask(bias, key_padding_mask, dtype, batch, n_k):
     mask = None
     if bias is not None:
         mask = bias.to(dtype)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (Nk,) or (Nq, Nk): SDPA wants 4-D
     if key_padding_mask is not None:
         pad = torch.zeros((batch, 1, 1, n_k), dtype=dtype, device=key_padding_mask.device)
         pad = pad.masked_fill(key_padding_mask.view(batch, 1, 1, n_k), float("-inf"))
@@ -173,12 +174,30 @@ def _torch_backward(grad_out, q, k, v, bias, key_padding_mask, causal, scale, dr
 
 
 def attention_fwd(q, k, v, bias, key_padding_mask, causal: bool, scale: float, dropout_p: float, seed: int):
-    """(out (B, Nq, H*D) contiguous, lse (B, H, Nq) float32) of the torch backend."""
+    """(out (B, Nq, H*D) contiguous, lse (B, H, Nq) float32) of the torch backend. Query rows whose keys are all
+    masked give out 0 and lse -inf (as the Triton kernel); no key at all (Nk = 0) is such a row."""
+    batch, n_q, heads, head_dim = q.shape
+    if n_q == 0 or k.shape[1] == 0:  # ATen's CPU flash kernel divides by zero there (SIGFPE)
+        out = q.new_zeros((batch, n_q, heads * head_dim))
+        return out, torch.full((batch, heads, n_q), float("-inf"), dtype=torch.float32, device=q.device)
     if _cpu_flash(q, dropout_p):
         out, lse = _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale)
-        return out.contiguous(), lse.contiguous()
+        return out.contiguous(), _masked_rows_to_neg_inf(lse.contiguous(), bias, key_padding_mask)
     out = _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
     return out.contiguous(), _torch_lse(q, k, bias, key_padding_mask, causal, scale)
+
+
+def _masked_rows_to_neg_inf(lse, bias, key_padding_mask):
+    """ATen's CPU flash kernel reports lse 0 for a row whose keys are all masked; the op's contract is -inf."""
+    batch, heads, n_q = lse.shape
+    dead = None
+    if key_padding_mask is not None:
+        dead = key_padding_mask.all(-1).view(batch, 1, 1).expand(batch, heads, n_q)
+    if bias is not None:
+        b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        rows = torch.isneginf(b4).all(-1).expand(batch, heads, n_q)
+        dead = rows if dead is None else dead | rows
+    return lse if dead is None else lse.masked_fill(dead, float("-inf"))
 
 
 def attention_bwd(
@@ -197,7 +216,11 @@ def attention_bwd(
     need_grad_bias: bool,
 ):
     """(dq, dk, dv as (B, N, H, D), dbias or None) of the torch backend."""
+    if q.shape[1] == 0 or k.shape[1] == 0:  # nothing attends: every gradient is 0 (and ATen's kernel would divide by 0)
+        dbias = torch.zeros_like(bias, dtype=torch.float32) if need_grad_bias else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if _cpu_flash(q, dropout_p) and not need_grad_bias:
+        lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # the value ATen's kernel gave those rows in forward
         dq, dk, dv = _cpu_flash_backward(grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale)
         return dq, dk, dv, None
     return _torch_backward(grad_out, q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias)

@@ -1,11 +1,12 @@
 """Model surgery: find layers pykernels knows in a timm / torchvision / Hugging Face model and replace them,
-weights and train/eval state included, with their pykernels counterparts.
+weights and train/eval state included, with their pykernels counterparts - or leave them alone and say why.
 
 Example::
 
     model = timm.create_model("convnext_tiny", drop_path_rate=0.1)
-    pykernels.swap(model)            # every ConvNeXt block is now a pykernels.ConvNeXtBlock
-    pykernels.swap(model, include="drop_path")   # only the DropPath layers
+    report = pykernels.swap(model)             # in place; every ConvNeXt block is now a pykernels.ConvNeXtBlock
+    print(report)                              # what was replaced, what was skipped and why
+    pykernels.swap(model, include="drop_path", dry_run=True)   # what would be replaced, changing nothing
 
 Kinds, tried in this order on each module (the first that matches replaces it, and nothing inside a replaced module
 is visited again):
@@ -14,38 +15,78 @@ is visited again):
   Hugging Face ``ConvNextLayer``, official-layout ConvNeXt ``Block`` -> :class:`pykernels.ConvNeXtBlock`
   (fused dwconv + LayerNorm, fused layer-scale + DropPath + residual; same values in eval mode up to float32
   rounding, same DropPath mask in training mode). Variants it does not compute (ConvNeXt-V2's GRN, strided or
-  channel-changing blocks, other activations) are left alone.
+  channel-changing blocks, other activations) are skipped with the reason.
 * ``"mbconv"`` (default): timm ``InvertedResidual`` / ``DepthwiseSeparableConv`` / ``EdgeResidual``, torchvision
   ``MBConv`` / ``FusedMBConv`` / MobileNet-V3 ``InvertedResidual``, Hugging Face ``EfficientNetBlock``, the seeds'
   ``FusedMBConv`` -> :class:`pykernels.FusedMBConvSE`, which keeps the block's own submodules (state_dict keys
-  unchanged). Variants it does not compute (anti-aliasing, dilation, other norms or activations) are left alone.
+  unchanged). Variants it does not compute (anti-aliasing, dilation, other norms or activations) are skipped.
 * ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
   :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
-* ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA``.
+* ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, Hugging Face ViT-layout attention
+  (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``) -> ``FusedMHSA``.
+
+Known classes are matched exactly. A module matched by its structure alone (Hugging Face's attention classes, which
+share ViT's layout but not always its maths - Swin's window bias, BEiT's relative-position bias -; the official
+ConvNeXt ``Block`` layout; the seeds' classes; ``*DropPath`` classes outside timm / torchvision / HF) is replaced only
+after a verification: the original and the candidate run on a small seeded probe input and must agree (and the
+candidate must not raise); otherwise it is skipped with the reason. ``verify=False`` turns the probe off.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from pykernels.modules import ConvNeXtBlock, DropPath, FusedMBConvSE, FusedMHSA
-from pykernels.modules.attention import can_convert as _is_attention
-from pykernels.modules.convnext import can_convert as _is_convnext_block
-from pykernels.modules.mbconv_se import can_convert as _is_mbconv
+from pykernels.modules import attention as _attention
+from pykernels.modules import convnext as _convnext
+from pykernels.modules import mbconv_se as _mbconv
+
+_KNOWN_LIBRARIES = ("timm.", "torchvision.", "transformers.")
 
 
 @dataclass(frozen=True)
 class Converter:
-    """``matches(module)`` says whether ``convert(module)`` can replace it; ``kind`` names it for include/exclude;
-    ``default`` kinds are swapped when ``include`` is not given (the others only on request)."""
+    """One kind of layer ``swap`` can replace.
+
+    Attributes:
+        kind: its name for include / exclude.
+        candidate: whether a module is a layer of this kind (the converter may still refuse a variant).
+        reasons: why ``convert`` cannot stand in for a candidate (empty: it can).
+        convert: the pykernels module computing what the candidate computes.
+        probe: for a candidate matched by structure alone (not by its exact class), the inputs of a verification
+            forward (on copies, in eval mode - or training mode with ``probe_train`` - with a seeded RNG); None: an
+            exact match, no probe.
+        default: swapped when ``include`` is not given (the others only on request).
+        probe_train: run the probe in training mode (DropPath: the mask is what must agree).
+    """
 
     kind: str
-    matches: Callable[[nn.Module], bool]
+    candidate: Callable[[nn.Module], bool]
+    reasons: Callable[[nn.Module], list[str]]
     convert: Callable[[nn.Module], nn.Module]
+    probe: Callable[[nn.Module], tuple | None] = lambda m: None
     default: bool = True
+    probe_train: bool = False
+
+
+def _known_library(m: nn.Module) -> bool:
+    return type(m).__module__.startswith(_KNOWN_LIBRARIES)
+
+
+def _param(m: nn.Module) -> torch.Tensor | None:
+    return next(iter(m.parameters()), None)
+
+
+def _like(m: nn.Module, *shape: int) -> torch.Tensor:
+    p = _param(m)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    return x.to(p) if p is not None else x
 
 
 def _is_drop_path(m: nn.Module) -> bool:
@@ -57,14 +98,148 @@ def _is_drop_path(m: nn.Module) -> bool:
     return name.endswith("DropPath") and hasattr(m, "drop_prob")
 
 
+def _drop_path_probe(m: nn.Module):
+    if _known_library(m):
+        return None
+    return (torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(0)),)
+
+
+def _convnext_probe(m: nn.Module):
+    if _convnext._is_official_layout(m) and not _known_library(m):
+        dim = m.dwconv.in_channels
+        return (_like(m, 2, dim, 9, 9),)
+    return None
+
+
+def _mbconv_probe(m: nn.Module):
+    layout = _mbconv._layout(m)
+    if layout is not None and layout.source.startswith("seeds"):
+        conv = m.get_submodule(layout.paths["exp_conv"])
+        return (_like(m, 2, conv.in_channels, 9, 9),)
+    return None
+
+
+def _attention_probe(m: nn.Module):
+    if _attention.is_structural_match(m):
+        return (_like(m, 2, 5, m.q_proj.in_features),)
+    if _attention._seeds_kind(m) is not None:
+        return (_like(m, 2, 5, m.qkv.in_features),)
+    return None
+
+
 CONVERTERS: list[Converter] = [
     # before "drop_path": a whole block is replaced (its DropPath with it) before its parts are considered
-    Converter("convnext_block", _is_convnext_block, ConvNeXtBlock.from_module),
-    Converter("mbconv", _is_mbconv, FusedMBConvSE.from_module),
-    Converter("drop_path", _is_drop_path, DropPath.from_module),
+    Converter(
+        "convnext_block",
+        lambda m: not isinstance(m, ConvNeXtBlock) and _convnext._parts(m) is not None,
+        _convnext.unsupported_reasons,
+        ConvNeXtBlock.from_module,
+        _convnext_probe,
+    ),
+    Converter(
+        "mbconv",
+        lambda m: _mbconv._layout(m) is not None,
+        _mbconv.unsupported_reasons,
+        FusedMBConvSE.from_module,
+        _mbconv_probe,
+    ),
+    Converter("drop_path", _is_drop_path, lambda m: [], DropPath.from_module, _drop_path_probe, probe_train=True),
     # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path)
-    Converter("attention", _is_attention, FusedMHSA.from_module, default=False),
+    Converter(
+        "attention",
+        _attention.is_candidate,
+        _attention.unsupported_reasons,
+        FusedMHSA.from_module,
+        _attention_probe,
+        default=False,
+    ),
 ]
+
+
+# ---- the report ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replaced:
+    path: str
+    old: str
+    new: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    cls: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class SwapReport:
+    """What :func:`swap` replaced (``replaced``: path, old class -> new class, kind) and what it left alone
+    (``skipped``: path, class, kind, reason). ``print(report)`` shows both as a table."""
+
+    model: nn.Module = field(repr=False)
+    replaced: list[Replaced] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    dry_run: bool = False
+
+    def __str__(self) -> str:
+        verb = "would replace" if self.dry_run else "replaced"
+        lines = [f"pykernels.swap: {verb} {len(self.replaced)}, skipped {len(self.skipped)}"]
+        if self.replaced:
+            rows = [(r.path or "(model)", f"{r.old} -> {r.new}", r.kind) for r in self.replaced]
+            lines += _table(("path", "replacement", "kind"), rows)
+        if self.skipped:
+            rows = [(s.path or "(model)", s.cls, s.kind, s.reason) for s in self.skipped]
+            lines += [""] + _table(("skipped", "class", "kind", "reason"), rows)
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths), "-" * len(header[-1]))] + [
+        fmt.format(*row) for row in rows
+    ]
+
+
+# ---- verification ----------------------------------------------------------------------------------------------
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return getattr(out, "last_hidden_state", None)
+
+
+def _verify(original: nn.Module, candidate: nn.Module, inputs: tuple, train: bool) -> str | None:
+    """None when ``candidate`` computes what ``original`` computes on the probe, else the reason it does not. Runs
+    on copies (a candidate may share the original's submodules, whose buffers must not move)."""
+    results = []
+    for module in (copy.deepcopy(original), copy.deepcopy(candidate)):
+        module.train(train)
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                results.append(_first_tensor(module(*inputs)))
+        except Exception as exc:  # noqa: BLE001 - the probe's verdict is the reason
+            who = "the original" if not results else "the replacement"
+            return f"verification probe failed on {who} ({type(exc).__name__}: {exc})"[:300]
+    want, got = results
+    if want is None or got is None or want.shape != got.shape:
+        return "verification probe: outputs of different kinds or shapes"
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+    if not err <= 1e-3 * scale + 1e-5:
+        return f"verification probe: outputs differ (max error {err:.3g} at scale {scale:.3g})"
+    return None
+
+
+# ---- swap ---------------------------------------------------------------------------------------------------------
 
 
 def swap(
@@ -72,19 +247,25 @@ def swap(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] = (),
     verbose: bool = False,
-) -> nn.Module:
-    """Replace, in place, every sub-module that a pykernels module can stand in for.
+    dry_run: bool = False,
+    verify: bool = True,
+) -> SwapReport:
+    """Replace, in place, every sub-module that a pykernels module can stand in for; report what was replaced and
+    what was skipped (with the reason).
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
-        include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"`` and ``"drop_path"``; ``"attention"`` - timm
-            ``Attention``, ``nn.MultiheadAttention``, HF ``ViTAttention`` -> ``FusedMHSA`` - is opt-in for now).
-            See the module docstring for what each kind replaces.
+        include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"`` and ``"drop_path"``; ``"attention"`` -
+            timm ``Attention``, ``nn.MultiheadAttention``, HF ViT-layout attention -> ``FusedMHSA`` - is opt-in for
+            now). See the module docstring for what each kind replaces.
         exclude: kinds to leave alone.
-        verbose: print one line per replaced module.
+        verbose: print the report.
+        dry_run: change nothing; the report says what would be replaced.
+        verify: run the probe verification of structure-matched modules (see the module docstring).
 
     Returns:
-        ``model`` itself, with ``model.pykernels_swapped`` set to the list of replaced module names.
+        a :class:`SwapReport` (``report.model`` is ``model``). ``model.pykernels_swapped`` lists the replaced paths.
+        Swapping a swapped model again replaces nothing.
     """
     kinds = {c.kind for c in CONVERTERS}
     defaults = {c.kind for c in CONVERTERS if c.default}
@@ -94,19 +275,40 @@ def swap(
     if unknown:
         raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(kinds)}")
     active = [c for c in CONVERTERS if c.kind in include and c.kind not in exclude]
-    swapped: list[str] = []
+    report = SwapReport(model, dry_run=dry_run)
+    done: list[str] = []  # replaced (or would-be-replaced) paths and pykernels modules: nothing inside is visited
     for parent_name, parent in list(model.named_modules()):
-        if any(parent_name.startswith(name + ".") or parent_name == name for name in swapped):
-            continue  # inside a module that was replaced: no longer part of the model
+        if any(parent_name == name or parent_name.startswith(name + ".") for name in done):
+            continue
+        if parent is not model and type(parent).__module__.startswith("pykernels."):
+            done.append(parent_name)  # a pykernels module (swapped before): what it holds is its own business
+            continue
         for child_name, child in list(parent.named_children()):
+            path = f"{parent_name}.{child_name}" if parent_name else child_name
             for conv in active:
-                if conv.matches(child):
-                    setattr(parent, child_name, conv.convert(child))
-                    full = f"{parent_name}.{child_name}" if parent_name else child_name
-                    swapped.append(full)
-                    if verbose:
-                        new_name = type(getattr(parent, child_name)).__name__
-                        print(f"pykernels.swap: {full}: {type(child).__name__} -> {new_name}")
+                if not conv.candidate(child):
+                    continue
+                reasons = conv.reasons(child)
+                if reasons:
+                    report.skipped.append(Skipped(path, type(child).__name__, conv.kind, "; ".join(reasons)))
                     break
-    model.pykernels_swapped = swapped
-    return model
+                try:
+                    new = conv.convert(copy.deepcopy(child) if dry_run else child)
+                except (TypeError, ValueError) as exc:
+                    report.skipped.append(Skipped(path, type(child).__name__, conv.kind, str(exc)))
+                    break
+                probe = conv.probe(child) if verify else None
+                why = _verify(child, new, probe, conv.probe_train) if probe is not None else None
+                if why is not None:
+                    report.skipped.append(Skipped(path, type(child).__name__, conv.kind, why))
+                    break
+                if not dry_run:
+                    setattr(parent, child_name, new)
+                report.replaced.append(Replaced(path, type(child).__name__, type(new).__name__, conv.kind))
+                done.append(path)
+                break
+    if not dry_run:
+        model.pykernels_swapped = [r.path for r in report.replaced]
+    if verbose:
+        print(report)
+    return report

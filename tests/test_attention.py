@@ -518,9 +518,9 @@ def test_swap_attention_is_opt_in_and_matches_timm_vit():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, pretrained=False).eval()
     x = torch.randn(2, 3, 32, 32)
-    default = pykernels.swap(copy.deepcopy(model))
+    default = pykernels.swap(copy.deepcopy(model)).model
     assert not any(isinstance(m, FusedMHSA) for m in default.modules())
-    swapped = pykernels.swap(copy.deepcopy(model), include="attention")
+    swapped = pykernels.swap(copy.deepcopy(model), include="attention").model
     n_attn = sum(type(m).__name__ == "Attention" for m in model.modules())
     assert n_attn > 0 and len(swapped.pykernels_swapped) == n_attn
     assert sum(isinstance(m, FusedMHSA) for m in swapped.modules()) == n_attn

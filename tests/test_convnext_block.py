@@ -558,7 +558,7 @@ def test_swap_timm_keeps_state_dict_and_train_mode_draw():
     """A swapped timm model (conv_mlp=True blocks) still loads the original's state_dict with strict=True, and in
     train mode draws the same DropPath masks as the original under the same seed."""
     model, _, _ = timm_atto()
-    swapped = pykernels.swap(copy.deepcopy(model))
+    swapped = pykernels.swap(copy.deepcopy(model)).model
     assert len(swapped.pykernels_swapped) == 12
     swapped.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -574,9 +574,9 @@ def test_swap_timm_keeps_state_dict_and_train_mode_draw():
 def test_swap_include_exclude_kinds():
     model, _, _ = timm_atto()
     drop_paths = [n for n, m in model.named_modules() if type(m).__name__ == "DropPath"]
-    only_dp = pykernels.swap(copy.deepcopy(model), include="drop_path")
+    only_dp = pykernels.swap(copy.deepcopy(model), include="drop_path").model
     assert sorted(only_dp.pykernels_swapped) == sorted(drop_paths) and block_names(only_dp)
-    no_blocks = pykernels.swap(copy.deepcopy(model), exclude="convnext_block")
+    no_blocks = pykernels.swap(copy.deepcopy(model), exclude="convnext_block").model
     assert sorted(no_blocks.pykernels_swapped) == sorted(drop_paths)
     # blocks whose DropPath was swapped first are still recognised (a pykernels.DropPath inside is fine)
     pykernels.swap(only_dp, include="convnext_block")

@@ -259,7 +259,7 @@ def test_seeds_convnext_block_swap():
     model = seeds_convnext()
     expected_names = drop_path_count(model)
     assert len(expected_names) == 3
-    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path")
+    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path").model
     assert sorted(swapped.pykernels_swapped) == sorted(expected_names)
     assert drop_path_count(swapped) == []
     for name in expected_names:
@@ -400,7 +400,7 @@ def test_swap_real_model(name):
     model, input_shape = build()
     original_names = drop_path_count(model)
     assert original_names, "the model should contain drop-path layers"
-    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path")
+    swapped = pykernels.swap(copy.deepcopy(model), include="drop_path").model
 
     assert len(swapped.pykernels_swapped) == len(original_names)
     assert sorted(swapped.pykernels_swapped) == sorted(original_names)
@@ -459,16 +459,16 @@ def test_swap_include_exclude():
     model, _ = timm_convnext()
     n = len(drop_path_count(model))
 
-    m = pykernels.swap(copy.deepcopy(model), include=["drop_path"])
+    m = pykernels.swap(copy.deepcopy(model), include=["drop_path"]).model
     assert len(m.pykernels_swapped) == n and drop_path_count(m) == []
 
-    m = pykernels.swap(copy.deepcopy(model), exclude=["drop_path", "convnext_block"])
+    m = pykernels.swap(copy.deepcopy(model), exclude=["drop_path", "convnext_block"]).model
     assert m.pykernels_swapped == [] and len(drop_path_count(m)) == n
 
-    m = pykernels.swap(copy.deepcopy(model), include=[])
+    m = pykernels.swap(copy.deepcopy(model), include=[]).model
     assert m.pykernels_swapped == [] and len(drop_path_count(m)) == n
 
-    m = pykernels.swap(copy.deepcopy(model), include=["drop_path"], exclude=["drop_path"])
+    m = pykernels.swap(copy.deepcopy(model), include=["drop_path"], exclude=["drop_path"]).model
     assert m.pykernels_swapped == [] and len(drop_path_count(m)) == n
 
 

@@ -73,7 +73,7 @@ def compare_models(original: nn.Module, size=64, batch=2, train=(False, True), s
     rounding of every block (16 to 40 of them) through backward, within 4 x eager's error + 1e-4 (a wrong block gives
     errors of order 1)."""
     _randomize_bn(original)
-    swapped = pykernels.swap(copy.deepcopy(original), include=["mbconv"])
+    swapped = pykernels.swap(copy.deepcopy(original), include=["mbconv"]).model
     assert swapped.pykernels_swapped, "nothing was swapped"
     ref64 = copy.deepcopy(original).double()
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -158,7 +158,7 @@ def test_three_training_steps_match(name):
     """Three SGD steps with the same seed: the losses and every parameter and buffer follow the original's."""
     original = MODELS[name]()
     _randomize_bn(original)
-    swapped = pykernels.swap(copy.deepcopy(original), include=["mbconv"])
+    swapped = pykernels.swap(copy.deepcopy(original), include=["mbconv"]).model
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     losses = {}
     for label, model in (("swapped", swapped), ("original", original)):

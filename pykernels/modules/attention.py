@@ -21,7 +21,14 @@ from pykernels import backends
 from pykernels import functional as F
 from pykernels.ops import attention as _attention_ops
 
-__all__ = ["FusedMHSA", "FusedMaskedMHSA", "FusedMultiheadAttention", "FusedViTAttention", "can_convert"]
+__all__ = [
+    "FusedMHSA",
+    "FusedMaskedMHSA",
+    "FusedMultiheadAttention",
+    "FusedViTAttention",
+    "can_convert",
+    "unsupported_reasons",
+]
 
 
 class FusedMHSA(nn.Module):
@@ -183,21 +190,56 @@ class FusedMHSA(nn.Module):
         return new
 
 
-def can_convert(module: nn.Module) -> bool:
-    """Whether :meth:`FusedMHSA.from_module` can stand in for ``module`` (for ``pykernels.swap``)."""
+def is_candidate(module: nn.Module) -> bool:
+    """Whether ``module`` is an attention layer of a kind :meth:`FusedMHSA.from_module` knows (it may still refuse a
+    variant: :func:`unsupported_reasons`)."""
     if isinstance(module, FusedMHSA):
         return False
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        or _is_timm_attention(module)
+        or _seeds_kind(module) is not None
+        or _is_hf_vit_attention(module)
+    )
+
+
+def is_structural_match(module: nn.Module) -> bool:
+    """Matched by its attribute layout rather than its exact class (Hugging Face's many ``*Attention`` classes share
+    ViT's layout but not always its maths): ``pykernels.swap`` verifies such a conversion on a probe input."""
+    return _is_hf_vit_attention(module) and not isinstance(module, nn.MultiheadAttention)
+
+
+def unsupported_reasons(module: nn.Module) -> list[str]:
+    """Why :meth:`FusedMHSA.from_module` cannot stand in for ``module`` (empty when it can)."""
     if isinstance(module, nn.MultiheadAttention):
-        return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+        reasons = []
+        if not module._qkv_same_embed_dim:
+            reasons.append("kdim / vdim differ from embed_dim")
+        if module.bias_k is not None:
+            reasons.append("add_bias_kv=True")
+        if module.add_zero_attn:
+            reasons.append("add_zero_attn=True")
+        return reasons
     if _is_timm_attention(module):
-        return not _timm_unsupported(module)
+        return _timm_unsupported(module)
     if _seeds_kind(module) is not None:
-        return True
+        return []
     if _is_hf_vit_attention(module):
         heads = getattr(module, "num_attention_heads", None)
         dim = module.q_proj.in_features
-        return heads is not None and heads * module.head_dim == dim and not getattr(module, "is_causal", False)
-    return False
+        if heads is None:
+            return ["no num_attention_heads attribute"]
+        if heads * module.head_dim != dim:
+            return [f"heads x head_dim = {heads} x {module.head_dim} != hidden size {dim}"]
+        if getattr(module, "is_causal", False):
+            return ["causal attention"]
+        return []
+    return [f"{type(module).__name__} is not a known attention layout"]
+
+
+def can_convert(module: nn.Module) -> bool:
+    """Whether :meth:`FusedMHSA.from_module` can stand in for ``module`` (for ``pykernels.swap``)."""
+    return is_candidate(module) and not unsupported_reasons(module)
 
 
 def _is_timm_attention(m: nn.Module) -> bool:

@@ -1,0 +1,120 @@
+"""pykernels.swap: the report (replaced / skipped with reasons), dry runs, idempotency, the probe verification of
+structure-matched modules, and models it must leave working (Hugging Face Swin and BEiT used to break: their window /
+relative-position biases were dropped by a structure match)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pykernels
+from pykernels.swap import SwapReport
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_swin():
+    config = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2
+    )
+    return transformers.SwinModel(config).eval()
+
+
+def _tiny_beit():
+    config = transformers.BeitConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        use_relative_position_bias=True,
+    )
+    return transformers.BeitModel(config).eval()
+
+
+def _tiny_vit():
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return transformers.ViTModel(config).eval()
+
+
+@pytest.mark.parametrize("make", [_tiny_swin, _tiny_beit], ids=["swin", "beit"])
+def test_swap_leaves_models_it_cannot_compute_working(make):
+    """HF Swin / BEiT attention share ViT's layout but add biases FusedMHSA would drop: skipped, with the reason, and
+    the model computes what it computed before."""
+    model = make()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+    report = pykernels.swap(model, include=["attention"])
+    assert isinstance(report, SwapReport) and report.model is model
+    assert report.replaced == [] and len(report.skipped) == 2
+    assert all(s.kind == "attention" and s.reason for s in report.skipped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, want)
+
+
+def test_structure_matched_attention_is_verified_then_replaced():
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+    report = pykernels.swap(model, include=["attention"])
+    assert [r.new for r in report.replaced] == ["FusedViTAttention"] * 2 and report.skipped == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_verification_skips_the_module():
+    class LooksLikeViTAttention(nn.Module):
+        """The ViT layout, different maths (no softmax)."""
+
+        def __init__(self, dim=16, heads=2):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim) for _ in range(4))
+            self.num_attention_heads, self.head_dim = heads, dim // heads
+
+        def forward(self, hidden_states, attention_mask=None):
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            return self.o_proj((q @ k.transpose(1, 2)) @ v), None
+
+    model = nn.Sequential(LooksLikeViTAttention())
+    report = pykernels.swap(model, include=["attention"])
+    assert report.replaced == [] and "verification probe: outputs differ" in report.skipped[0].reason
+    assert isinstance(model[0], LooksLikeViTAttention)
+    report = pykernels.swap(model, include=["attention"], verify=False)  # on the user's word
+    assert [r.new for r in report.replaced] == ["FusedViTAttention"]
+
+
+def test_report_dry_run_and_idempotency():
+    model = timm.create_model("efficientnet_b0", drop_path_rate=0.1)
+    original = copy.deepcopy(model)
+    dry = pykernels.swap(model, dry_run=True)
+    assert len(dry.replaced) == 16 and dry.dry_run
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()], "a dry run changed the model"
+    report = pykernels.swap(model)
+    assert [r.path for r in report.replaced] == [r.path for r in dry.replaced] == model.pykernels_swapped
+    text = str(report)
+    assert "replaced 16" in text and "InvertedResidual -> FusedMBConvSE" in text and "blocks.1.0" in text
+    again = pykernels.swap(model)
+    assert again.replaced == [] and again.skipped == []
+    original.load_state_dict(model.state_dict(), strict=True)  # the swapped model's state_dict loads both ways
+    model.load_state_dict(original.state_dict(), strict=True)
+
+
+def test_report_lists_refused_variants_with_reasons():
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    model = nn.Sequential(
+        InvertedResidual(16, 16, 3, exp_ratio=4, dilation=2), InvertedResidual(16, 16, 3, exp_ratio=4)
+    )
+    report = pykernels.swap(model, include=["mbconv"])
+    assert [r.path for r in report.replaced] == ["1"]
+    assert report.skipped[0].path == "0" and "dilation" in report.skipped[0].reason
+    assert "skipped" in str(report) and "dilation" in str(report)

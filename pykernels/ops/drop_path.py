@@ -69,8 +69,8 @@ def channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
     if len(shape) != 1 or dim < 1 or branch.shape[dim] != shape[0]:
         raise ValueError(
             f"gamma must be a per-channel layer-scale that broadcasts over one non-batch dim of branch: (C,) for "
-            f"channels-last or (B, N, C) tokens, (C, 1, 1) or (1, C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} for branch "
-            f"{tuple(branch.shape)}"
+            f"channels-last or (B, N, C) tokens, (C, 1, 1) or (1, C, 1, 1) for NCHW; got gamma {tuple(gamma.shape)} "
+            f"for branch {tuple(branch.shape)}"
         )
     return dim
 

@@ -10,6 +10,7 @@ channel; outputs also keep the reference's dtype, shape and strides.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -514,3 +515,385 @@ def _dw_cases() -> dict[str, tuple]:
 
 
 CASES.update(_dw_cases())
+
+
+# ---- mbconv_se: depthwise k x k conv (stride 1 / 2) + BatchNorm + activation + SE squeeze (csrc/cuda/mbconv_se.cu) ---
+# Every output is compared with the float64 oracle (pykernels.reference.mbconv_se in float64 on the same rounded
+# inputs; the backward: reference.mbconv_se_bwd in float64 with the same statistics). The kernels accumulate in
+# float32 in another order, so each element may be off by MB_REL = 1e-5 times an error bound propagated through the
+# computation (below: a sum of |terms| per accumulation; the statistics', BatchNorm's and act's sensitivities), plus
+# half an ulp of its dtype for the final rounding; dtypes, shapes and strides must be the torch backend's
+# (reference.mbconv_se_fwd / _bwd). bn_weight is drawn in [0.5, 3) so that y reaches relu6's upper clamp and both
+# hardswish bends.
+
+_mb = importlib.import_module("pykernels.reference.mbconv_se")  # the module (reference.mbconv_se is its function)
+
+MB_REL = 1e-5
+MB_ROUND = 0.1  # a few float32 roundings (exp, rsqrt, products), in units of MB_REL
+MB_ACT_SLOPE = 1.5  # max |act'| (hardswish: 1.5 at y = 3)
+MB_ACT_CURVE = 0.5  # max |act''| away from the kinks (silu: 0.5 at 0; hardswish: 1/3)
+
+
+def mb_geometry(h, w, k, stride, pads):
+    """(pad_t, pad_l, out_h, out_w) of pads = (top, bottom, left, right)."""
+    pad_t, pad_b, pad_l, pad_r = pads
+    return pad_t, pad_l, (h + pad_t + pad_b - k) // stride + 1, (w + pad_l + pad_r - k) // stride + 1
+
+
+def make_mb_inputs(layout, shape, k, dtype, param_dtype, params, running, gen):
+    """x (B, C, H, W) NCHW or channels_last, weight (C, 1, k, k), conv_bias / bn_weight / bn_bias and running_mean /
+    running_var (or None)."""
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, generator=gen, dtype=F64).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def param(t):
+        return t.to(param_dtype)
+
+    weight = param(torch.randn(c, 1, k, k, generator=gen, dtype=F64) / k)
+    conv_bias = param(0.5 * torch.randn(c, generator=gen, dtype=F64)) if params else None
+    bn_weight = param(2.5 * torch.rand(c, generator=gen, dtype=F64) + 0.5) if params else None
+    bn_bias = param(0.5 * torch.randn(c, generator=gen, dtype=F64)) if params else None
+    running_mean = param(0.3 * torch.randn(c, generator=gen, dtype=F64)) if running else None
+    running_var = param(torch.rand(c, generator=gen, dtype=F64) + 0.5) if running else None
+    return x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var
+
+
+def _chan(t):
+    """(C,) -> (1, C, 1, 1)."""
+    return t[None, :, None, None]
+
+
+def _mb_forward_terms(x64, w64, cb64, bw64, bb64, mean64, var64, eps, conv_args, batch_stats, var_err):
+    """The forward's float64 intermediates (B, C, out_h, out_w) and bounds of their errors in units of MB_REL:
+    y0 (off by A = its sum of |terms|), mean (batch: by mean(A + |y0|)), xhat, y. var_err: var's error bound."""
+    y0 = _mb._conv(x64, w64, cb64, *conv_args, F64)
+    cb_abs = cb64.abs() if cb64 is not None else None
+    a = _mb._conv(x64.abs(), w64.abs(), cb_abs, *conv_args, F64)
+    mean_err = _chan((a + y0.abs()).mean((0, 2, 3))) if batch_stats else 0.0
+    rstd = _chan(torch.rsqrt(var64 + eps))
+    xhat = (y0 - _chan(mean64)) * rstd
+    x_err = rstd * (a + mean_err) + xhat.abs() * (MB_ROUND + 0.5 * _chan(var_err) / (_chan(var64) + eps))
+    gamma = _chan(bw64) if bw64 is not None else torch.ones_like(rstd)
+    beta = _chan(bb64) if bb64 is not None else torch.zeros_like(rstd)
+    y = xhat * gamma + beta
+    y_err = gamma.abs() * x_err + MB_ROUND * ((xhat * gamma).abs() + beta.abs())
+    return {
+        "y0": y0,
+        "a": a,
+        "mean_err": mean_err,
+        "rstd": rstd,
+        "xhat": xhat,
+        "x_err": x_err,
+        "gamma": gamma,
+        "y": y,
+        "y_err": y_err,
+    }
+
+
+def mbconv_fwd_case(
+    layout,
+    shape,
+    k,
+    stride,
+    pads,
+    dt,
+    act="silu",
+    batch_stats=True,
+    param_dt=None,
+    params=True,
+    running=None,
+    eps=1e-3,
+    seed=0,
+) -> list[str]:
+    """pykernels_emu.mbconv_se_fwd vs the float64 oracle: out, pooled, mean, var. running: pass running statistics
+    (default: unless batch_stats; with batch_stats they are ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[dt]
+    running = not batch_stats if running is None else running
+    inputs = make_mb_inputs(layout, shape, k, dtype, DTYPES[param_dt or dt], params, running, gen)
+    b, c, h, w = shape
+    pad_t, pad_l, out_h, out_w = mb_geometry(h, w, k, stride, pads)
+    args = (eps, stride, pad_t, pad_l, out_h, out_w, act, batch_stats)
+    got = torch.ops.pykernels_emu.mbconv_se_fwd(*inputs, *args)
+    want = reference.mbconv_se_fwd(*inputs, *args)
+    names = ("out", "pooled", "mean", "var")
+    problems = []
+    for name, g, wnt in zip(names, got, want, strict=True):
+        problems += _structure(name, g, wnt)
+    if problems or b == 0:
+        if b == 0 and batch_stats and not (got[2].isnan().all() and got[3].isnan().all()):
+            problems.append(f"empty batch: mean / var {got[2].tolist()} / {got[3].tolist()}, want NaN (torch's)")
+        return problems
+    x64, w64, cb64, bw64, bb64, rm64, rv64 = (_f64(t) for t in inputs)
+    out64, pooled64, mean64, var64 = _mb.mbconv_se(x64, w64, cb64, bw64, bb64, rm64, rv64, *args, dtype=F64)
+    conv_args = (stride, pad_t, pad_l, out_h, out_w)
+    var_err = torch.zeros_like(var64)
+    if batch_stats:
+        t = _mb_forward_terms(x64, w64, cb64, bw64, bb64, mean64, var64, eps, conv_args, True, var_err)
+        dev = (t["y0"] - _chan(mean64)).abs()
+        var_err = 2 * (dev * (t["a"] + t["mean_err"])).mean((0, 2, 3)) + var64
+        problems += _within("mean", got[2], mean64, t["mean_err"].reshape(-1), MB_REL)
+        problems += _within("var", got[3], var64, var_err, MB_REL)
+    t = _mb_forward_terms(x64, w64, cb64, bw64, bb64, mean64, var64, eps, conv_args, batch_stats, var_err)
+    z_abs = out64.permute(0, 3, 1, 2).abs()
+    z_err = MB_ACT_SLOPE * t["y_err"] + MB_ROUND * z_abs
+    problems += _within("out", got[0], out64, z_err.permute(0, 2, 3, 1), MB_REL)
+    problems += _within("pooled", got[1], pooled64, (z_err + z_abs).sum((2, 3)), MB_REL)
+    return problems
+
+
+def _mb_transposed(d, w_abs, x_shape, k, stride, pad_t, pad_l):
+    """The transposed strided conv of d (B, C, out_h, out_w) with w_abs, cropped to x's (H, W): as the reference."""
+    batch, channels, height, width = x_shape
+    out_h, out_w = d.shape[2], d.shape[3]
+    rows, cols = (out_h - 1) * stride + k, (out_w - 1) * stride + k
+    full = torch.nn.grad.conv2d_input((batch, channels, rows, cols), w_abs, d, stride=stride, groups=channels)
+    return torch.nn.functional.pad(full, (-pad_l, width + pad_l - cols, -pad_t, height + pad_t - rows))
+
+
+def mbconv_bwd_case(
+    layout,
+    shape,
+    k,
+    stride,
+    pads,
+    dt,
+    act="silu",
+    batch_stats=True,
+    param_dt=None,
+    params=True,
+    need_grad_x=True,
+    need_grad_params=True,
+    grad_dt=None,
+    grad_pooled=True,
+    eps=1e-3,
+    seed=0,
+) -> list[str]:
+    """pykernels_emu.mbconv_se_bwd vs the float64 oracle (reference.mbconv_se_bwd in float64, same statistics)."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[dt]
+    x, weight, cb, bw, bb, rm, rv = make_mb_inputs(
+        layout, shape, k, dtype, DTYPES[param_dt or dt], params, not batch_stats, gen
+    )
+    b, c, h, w = shape
+    pad_t, pad_l, out_h, out_w = mb_geometry(h, w, k, stride, pads)
+    x64, w64, cb64, bw64, bb64 = (_f64(t) for t in (x, weight, cb, bw, bb))
+    if batch_stats:  # what the forward returned: the batch statistics in float32
+        _, _, mean64, var64 = _mb.mbconv_se(
+            x64, w64, cb64, bw64, bb64, None, None, eps, stride, pad_t, pad_l, out_h, out_w, act, True, dtype=F64
+        )
+        mean, var = mean64.float(), var64.float()
+    else:  # the running statistics, as the op hands them over
+        mean, var = rm, rv
+    grad = torch.randn(b, out_h, out_w, c, generator=gen, dtype=F64).to(DTYPES[grad_dt or dt])
+    gp = torch.randn(b, c, generator=gen, dtype=F64).float() if grad_pooled else None
+    tail = (eps, stride, pad_t, pad_l, act, batch_stats, need_grad_x, need_grad_params)
+    got = torch.ops.pykernels_emu.mbconv_se_bwd(grad, gp, x, weight, cb, bw, bb, mean, var, *tail)
+    want = reference.mbconv_se_bwd(grad, gp, x, weight, cb, bw, bb, mean, var, *tail)
+    names = ("grad_x", "grad_weight", "grad_conv_bias", "grad_bn_weight", "grad_bn_bias")
+    problems = []
+    for name, g, wnt in zip(names, got, want, strict=True):
+        problems += _structure(name, g, wnt)
+    if problems:
+        return problems
+    if b == 0:
+        for name, g in zip(names[1:], got[1:], strict=True):
+            if g.numel() and (g != 0).any():
+                problems.append(f"{name}: empty batch, want zeros, got {g.tolist()}")
+        return problems
+    mean_s, var_s = mean.double(), var.double()
+    gp64 = _f64(gp)
+    want64 = reference.mbconv_se_bwd(grad.double(), gp64, x64, w64, cb64, bw64, bb64, mean_s, var_s, *tail)
+    # Error bounds in units of MB_REL: the statistics are given (exact), y0 off by A, g by act'' * y's error; sums
+    # over pixels may lose one MB_REL of their sum of |terms|.
+    t = _mb_forward_terms(
+        x64,
+        w64,
+        cb64,
+        bw64,
+        bb64,
+        mean_s,
+        var_s,
+        eps,
+        (stride, pad_t, pad_l, out_h, out_w),
+        False,
+        torch.zeros_like(var_s),
+    )
+    xhat, x_err = t["xhat"], t["x_err"]
+    go = grad.double().permute(0, 3, 1, 2) + (gp64[:, :, None, None] if gp64 is not None else 0)
+    g_mag = (go * _mb.activation_grad(t["y"], act)).abs()
+    g_err = go.abs() * MB_ACT_CURVE * t["y_err"] + MB_ROUND * g_mag
+    scale = (t["rstd"] * t["gamma"]).abs()
+    if batch_stats:
+        count = b * out_h * out_w
+
+        def per_pixel(total):  # a (C,) sum / N as (1, C, 1, 1)
+            return _chan(total / count)
+
+        sum_g = g_mag.sum((0, 2, 3))
+        sum_gx = (g_mag * xhat.abs()).sum((0, 2, 3))
+        sum_g_err = (g_err + g_mag).sum((0, 2, 3))
+        sum_gx_err = (g_err * xhat.abs() + g_mag * x_err + g_mag * xhat.abs()).sum((0, 2, 3))
+        dy_mag = scale * (g_mag + per_pixel(sum_g) + xhat.abs() * per_pixel(sum_gx))
+        dy_err = scale * (g_err + per_pixel(sum_g_err) + xhat.abs() * per_pixel(sum_gx_err) + x_err * per_pixel(sum_gx))
+    else:
+        sum_g_err = (g_err + g_mag).sum((0, 2, 3))
+        sum_gx_err = (g_err * xhat.abs() + g_mag * x_err + g_mag * xhat.abs()).sum((0, 2, 3))
+        dy_mag = scale * g_mag
+        dy_err = scale * g_err
+    dy_err = dy_err + MB_ROUND * dy_mag
+    if need_grad_x:
+        bound = _mb_transposed(dy_err + 0.5 * dy_mag, w64.abs(), x.shape, k, stride, pad_t, pad_l)
+        problems += _within("grad_x", got[0], want64[0], bound, MB_REL)
+    if need_grad_params:
+        window = _mb._window(x64.abs(), k, stride, pad_t, pad_l, out_h, out_w)
+        bound_w = torch.nn.grad.conv2d_weight(window, w64.shape, dy_err + dy_mag, stride=stride, groups=c)
+        problems += _within("grad_weight", got[1], want64[1], bound_w, MB_REL)
+        bounds = ((dy_err + dy_mag).sum((0, 2, 3)), sum_gx_err, sum_g_err)
+        for i, bound in enumerate(bounds, start=2):
+            if got[i].numel():
+                problems += _within(names[i], got[i], want64[i], bound, MB_REL)
+    return problems
+
+
+def mbconv_error_case(dt="f64") -> list[str]:
+    """The CUDA kernels take float16 / bfloat16 / float32 x: float64 is refused with the header's message."""
+    x = torch.zeros(1, 2, 3, 3, dtype=DTYPES[dt])
+    weight = torch.zeros(2, 1, 3, 3, dtype=DTYPES[dt])
+    try:
+        torch.ops.pykernels_emu.mbconv_se_fwd(
+            x, weight, None, None, None, None, None, 1e-5, 1, 1, 1, 3, 3, "relu", True
+        )
+    except RuntimeError as e:
+        message = str(e).splitlines()[0]
+        want = "mbconv_se_fwd: x must be float16, bfloat16, float32 (float64 only on the CPU), got float64"
+        return [] if want in message else [f"message {message!r}, want {want!r}"]
+    return ["float64 x was accepted"]
+
+
+# (layout, (B, C, H, W), k, stride, pads (top, bottom, left, right), dtypes). C = 1 / 3 / 5 (one partial chunk of 32
+# channels), 40 (two chunks), 200 (7 chunks, the last partial); H = W = 1 (the halo is all padding); TensorFlow's
+# asymmetric "same" padding (9 x 8, k = 5, stride 2: pads 2 / 2 / 1 / 2); a pad wider than needed on one side only;
+# several tiles per image (W = 37 > 16: two tiles across, the last partial; H = 19 > 8) so that the pooled sums add
+# more than 8 tile partials; B = 0.
+MB_GRID = [
+    ("nchw", (2, 3, 7, 7), 3, 1, (1, 1, 1, 1), ("f32", "f16", "bf16")),
+    ("nhwc", (2, 3, 7, 7), 3, 1, (1, 1, 1, 1), ("f32", "bf16")),
+    ("nchw", (2, 5, 9, 8), 5, 2, (2, 2, 1, 2), ("f32", "f16")),
+    ("nhwc", (2, 5, 9, 8), 5, 2, (2, 2, 1, 2), ("f32",)),
+    ("nchw", (1, 200, 5, 5), 7, 1, (3, 3, 3, 3), ("f32",)),
+    ("nhwc", (1, 200, 5, 5), 7, 1, (3, 3, 3, 3), ("bf16",)),
+    ("nchw", (1, 40, 6, 7), 7, 2, (3, 2, 0, 6), ("f32",)),
+    ("nhwc", (1, 40, 6, 7), 7, 2, (2, 3, 3, 3), ("f16",)),
+    ("nchw", (1, 3, 6, 6), 3, 2, (0, 1, 2, 0), ("f32",)),
+    ("nhwc", (2, 1, 1, 1), 3, 1, (1, 1, 1, 1), ("f32",)),  # C = 1, 1 x 1: both layouts at once
+    ("nchw", (1, 3, 1, 1), 7, 2, (3, 3, 3, 3), ("f32",)),
+    ("nchw", (1, 2, 19, 37), 3, 1, (1, 1, 1, 1), ("f32",)),  # 3 x 3 tiles of 8 x 16
+    ("nhwc", (1, 1, 32, 128), 3, 1, (1, 1, 1, 1), ("f32",)),  # 32 tiles: the sums split over 8 warps
+    ("nhwc", (1, 4, 19, 37), 5, 2, (1, 2, 2, 2), ("f32",)),
+    ("nchw", (1, 32, 5, 33), 7, 2, (3, 3, 3, 3), ("f32",)),  # 32 channels: the output tile shrinks to 3 x 8
+    ("nhwc", (1, 32, 9, 17), 7, 1, (3, 3, 3, 3), ("f16",)),  # the grad_x tile shrinks to 8 x 8 (NCHW: 4 x 16)
+    ("nchw", (0, 4, 5, 5), 3, 1, (1, 1, 1, 1), ("f32",)),  # no pixels
+]
+
+
+def _mb_label(shape, k, stride, pads):
+    return "x".join(map(str, shape)) + f"/k{k}s{stride}/p" + "".join(map(str, pads))
+
+
+def _mb_cases() -> dict[str, tuple]:
+    cases: dict[str, tuple] = {}
+    for layout, shape, k, stride, pads, dts in MB_GRID:
+        for dt in dts:
+            label = f"{layout}/{_mb_label(shape, k, stride, pads)}/{dt}"
+            geo = (layout, shape, k, stride, pads, dt)
+            for bs in (True, False):
+                mode = "batch" if bs else "running"
+                cases[f"mbconv_fwd/{label}/{mode}"] = (mbconv_fwd_case, *geo, "silu", bs)
+                cases[f"mbconv_bwd/{label}/{mode}"] = (mbconv_bwd_case, *geo, "silu", bs)
+    small = ((2, 3, 7, 7), 3, 1, (1, 1, 1, 1))
+    strided = ((2, 5, 9, 8), 5, 2, (2, 2, 1, 2))
+    for layout, geo in (("nchw", small), ("nhwc", strided)):
+        lbl = f"{layout}/{_mb_label(*geo)}"
+        for act in _mb.ACTIVATIONS:
+            for bs in (True, False):
+                mode = "batch" if bs else "running"
+                cases[f"mbconv_fwd/{lbl}/f32/{act}/{mode}"] = (mbconv_fwd_case, layout, *geo, "f32", act, bs)
+                cases[f"mbconv_bwd/{lbl}/f32/{act}/{mode}"] = (mbconv_bwd_case, layout, *geo, "f32", act, bs)
+        # parameters in float32 beside reduced x; no parameters; running statistics passed but batch_stats
+        cases[f"mbconv_fwd/{lbl}/f16-params-f32"] = (mbconv_fwd_case, layout, *geo, "f16", "hardswish", True, "f32")
+        cases[f"mbconv_bwd/{lbl}/bf16-params-f32"] = (mbconv_bwd_case, layout, *geo, "bf16", "relu6", False, "f32")
+        cases[f"mbconv_fwd/{lbl}/f32/no-params"] = (mbconv_fwd_case, layout, *geo, "f32", "relu", True, None, False)
+        cases[f"mbconv_bwd/{lbl}/f32/no-params"] = (mbconv_bwd_case, layout, *geo, "f32", "relu", True, None, False)
+        cases[f"mbconv_fwd/{lbl}/f32/batch-ignores-running"] = (
+            mbconv_fwd_case,
+            layout,
+            *geo,
+            "f32",
+            "silu",
+            True,
+            None,
+            True,
+            True,
+        )
+        # need_grad_x / need_grad_params (both True above), without grad_pooled
+        for gx, gp in ((True, False), (False, True), (False, False)):
+            for bs in (True, False):
+                mode = "batch" if bs else "running"
+                cases[f"mbconv_bwd/{lbl}/f32/{mode}/grad_x{int(gx)}-params{int(gp)}"] = (
+                    mbconv_bwd_case,
+                    layout,
+                    *geo,
+                    "f32",
+                    "silu",
+                    bs,
+                    None,
+                    True,
+                    gx,
+                    gp,
+                )
+        cases[f"mbconv_bwd/{lbl}/f32/no-grad_pooled"] = (
+            mbconv_bwd_case,
+            layout,
+            *geo,
+            "f32",
+            "hardswish",
+            True,
+            None,
+            True,
+            True,
+            True,
+            None,
+            False,
+        )
+    # grad_out in another dtype than x (the launcher converts it to float32)
+    for layout, dt, grad_dt in (("nchw", "f16", "f32"), ("nhwc", "f32", "bf16")):
+        cases[f"mbconv_bwd/{layout}/{_mb_label(*small)}/{dt}-grad-{grad_dt}"] = (
+            mbconv_bwd_case,
+            layout,
+            *small,
+            dt,
+            "silu",
+            True,
+            None,
+            True,
+            True,
+            True,
+            grad_dt,
+        )
+    cases["mbconv_fwd/error/f64"] = (mbconv_error_case, "f64")
+    return cases
+
+
+CASES.update(_mb_cases())
+
+# Cases that together launch every kernel of csrc/cuda/mbconv_se.cu (for a check like DWCONV_EVERY_KERNEL in
+# tests/gpu_check/test_cuda_emu.py): the statistics, merge, forward and one-column sum kernels; the backward's reduce,
+# main and grad_x (NCHW: the stash) kernels; the sum split over 8 warps (32 tiles) and grad_x for channels_last.
+MBCONV_EVERY_KERNEL = (
+    "mbconv_fwd/nchw/2x3x7x7/k3s1/p1111/f32/batch",
+    "mbconv_bwd/nchw/2x3x7x7/k3s1/p1111/f32/batch",
+    "mbconv_bwd/nhwc/1x1x32x128/k3s1/p1111/f32/batch",
+)

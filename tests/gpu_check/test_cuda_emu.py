@@ -99,6 +99,7 @@ def test_every_cuda_kernel_runs_under_the_emulator():
         "bwd/tokens/2x197x200/f32/grad_branch1",  # channels inner, vectorized
         "bwd/tokens/1x5x3/f32/grad_branch1",  # channels inner, scalar
         *DWCONV_EVERY_KERNEL,
+        *cases.MBCONV_EVERY_KERNEL,  # every kernel of mbconv_se.cu (sum kernel: both splits)
     ):
         assert call("run_case", name)["ok"], name
     launched = call("launched_kernels")

@@ -34,6 +34,13 @@ LAUNCH_THREADS = {
     "dwconv_ln_bwd_dy_kernel": 256,
     "dwconv_ln_bwd_input_kernel": 256,
     "dwconv_ln_bwd_weight_kernel": 256,
+    "mbconv_se_stats_kernel": 256,  # kThreads in mbconv_se.cu
+    "mbconv_se_stats_merge_kernel": 256,
+    "mbconv_se_fwd_kernel": 256,
+    "mbconv_se_sum_kernel": 256,
+    "mbconv_se_bwd_reduce_kernel": 256,
+    "mbconv_se_bwd_main_kernel": 256,
+    "mbconv_se_bwd_input_kernel": 256,
 }
 _ARCH_RE = re.compile(r"^arch = (sm_\d+)", re.M)
 _FUNC_RE = re.compile(r"Function\s+(\S+?):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

@@ -380,6 +380,15 @@ def info() -> str:
                     built = has_compiled_kernel(f"{op.name}_fwd", "CUDA")
                     status += f" (CUDA kernels {'built into' if built else 'not in'} pykernels._C)"
                 lines.append(f"  {name:<7} {device.type:<5} {status}{dtypes}")
+    from pykernels import gemm
+
+    lines.append("")
+    lines.append("GEMM providers (1x1 convs of the fused blocks' inference paths; chosen per shape by measurement):")
+    chosen = gemm.choices()
+    if not chosen:
+        lines.append("  none measured yet in this process (each shape is timed on both providers at its first call)")
+    for key, provider in chosen.items():
+        lines.append(f"  {key}: {provider}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ LAYERS = {
     "pykernels.reference": 1,
     "pykernels._C": 1,
     "pykernels.backends": 2,
+    "pykernels.gemm": 2,
     "pykernels.ops": 3,
     "pykernels.functional": 4,
     "pykernels.modules": 5,

@@ -32,6 +32,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from pykernels import functional as PF
+from pykernels import gemm
 from pykernels.modules.drop_path import DropPath
 from pykernels.ops import mbconv_se as _ops
 from pykernels.reference.mbconv_se import activation as _activation
@@ -587,11 +588,14 @@ def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _fold(conv_weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * gamma / sqrt(var + eps) per output channel, beta - mean * gamma / sqrt(var + eps)) in float32 math."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    weight = (conv_weight.flatten(1).float() * scale[:, None]).to(conv_weight.dtype)
-    bias = (bn.bias.float() - bn.running_mean.float() * scale).to(conv_weight.dtype)
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN after ``conv`` folded into it: (weight * s per output channel, (conv_bias - mean) * s + beta), s = gamma /
+    sqrt(var + eps), computed in float32 (float64 for float64 weights)."""
+    acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    weight = (conv.weight.flatten(1).to(acc) * scale[:, None]).to(conv.weight.dtype)
+    shift = -bn.running_mean.to(acc) if conv.bias is None else conv.bias.to(acc) - bn.running_mean.to(acc)
+    bias = (bn.bias.to(acc) + shift * scale).to(conv.weight.dtype)
     return weight, bias
 
 
@@ -856,26 +860,30 @@ class FusedMBConvSE(nn.Module):
 
     # ---- stages --------------------------------------------------------------------------------------------------
 
-    def _folded_weights(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        """BN folded into the conv (eval, no autograd), cached and refolded whenever a tensor it reads changes."""
-        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    def _folded_weights(self, key: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, rows: int = 0):
+        """(weight, bias, oneDNN-packed weight or None): BN folded into the conv (eval, no autograd), cached and
+        refolded whenever a tensor it reads changes (an optimizer step, load_state_dict, a statistic update)."""
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         stamp = _versions(*tensors) + (bn.eps,)
         if torch.compiler.is_compiling():
-            return _fold(conv.weight, bn)
+            return (*_fold(conv, bn), None)
         cached = self._folded.get(key)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, _fold(conv.weight, bn))
+            weight, bias = _fold(conv, bn)
+            packed = gemm.prepack(weight, rows) if rows else None
+            cached = (stamp, (weight, bias, packed))
             self._folded[key] = cached
         return cached[1]
 
     def _pointwise_bn(self, x, conv, bn, act, fast, key):
         """act(BN(conv1x1(x))) as (B, C, H, W) channels-last: a GEMM on x's channels-last view."""
-        rows = x.permute(0, 2, 3, 1)  # free when x is channels-last; F.linear copies an NCHW x once
+        rows = x.permute(0, 2, 3, 1)  # free when x is channels-last; an NCHW x is copied once
         if fast:
-            weight, bias = self._folded_weights(key, conv, bn)
-            y = TF.linear(rows, weight, bias)
-            y = _inplace_act(y, act)
-            return y.permute(0, 3, 1, 2)
+            batch, height, width, _ = rows.shape
+            flat = rows.reshape(batch * height * width, rows.shape[3])
+            weight, bias, packed = self._folded_weights(key, conv, bn, flat.shape[0])
+            y = gemm.linear_act(flat, weight, bias, act, packed)
+            return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
         y = TF.linear(rows, conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
         return _activation(self._batch_norm(y, bn), act)
 
@@ -885,9 +893,9 @@ class FusedMBConvSE(nn.Module):
         pads = lay.padding.resolve(x.shape[2], x.shape[3], k, lay.stride)
         xp = TF.pad(x, pads) if any(pads) else x
         if fast:
-            weight, bias = self._folded_weights("exp", conv, bn)
+            weight, bias, _ = self._folded_weights("exp", conv, bn)
             y = TF.conv2d(xp, weight.view_as(conv.weight), bias, lay.stride)
-            return _inplace_act(y, act)
+            return gemm._inplace_act(y, act)
         y = TF.conv2d(xp, conv.weight, conv.bias, lay.stride)
         return _activation(self._batch_norm(y, bn), act)
 
@@ -924,11 +932,15 @@ class FusedMBConvSE(nn.Module):
     def _project(self, z, scale, conv, bn, act, fast):
         rows = z.permute(0, 2, 3, 1)  # (B, H, W, C): free for our channels-last z
         if fast:
-            weight, bias = self._folded_weights("proj", conv, bn)
-            if scale is not None:
-                rows = rows.mul_(scale[:, None, None, :])  # z is this block's own temporary here
-            y = TF.linear(rows, weight, bias)
-            return _inplace_act(y, act).permute(0, 3, 1, 2)
+            batch, height, width, _ = rows.shape
+            weight, bias, packed = self._folded_weights("proj", conv, bn, batch * height * width)
+            if scale is None:
+                flat = rows.reshape(batch * height * width, rows.shape[3])
+                y = gemm.linear_act(flat, weight, bias, act, packed)
+            else:  # z is this block's own temporary here: the SE scale may be applied to it in place
+                flat = rows.reshape(batch, height * width, rows.shape[3])
+                y = gemm.scaled_linear_act(flat, scale, weight, bias, act, packed)
+            return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
         weight = conv.weight.flatten(1)
         if scale is not None:
             flat = rows.reshape(rows.shape[0], -1, rows.shape[3])
@@ -938,18 +950,6 @@ class FusedMBConvSE(nn.Module):
         if conv.bias is not None:
             y = y + conv.bias
         return _activation(self._batch_norm(y.permute(0, 3, 1, 2), bn), act)
-
-
-def _inplace_act(y: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "none":
-        return y
-    if act == "relu":
-        return y.relu_()
-    if act == "relu6":
-        return y.clamp_(0.0, 6.0)
-    if act == "silu":
-        return TF.silu(y, inplace=True)
-    return TF.hardswish(y, inplace=True)
 
 
 def _drop_path_args(drop: nn.Module) -> tuple[float, str, str, bool]:

@@ -36,6 +36,7 @@ from pykernels import gemm
 from pykernels.modules.drop_path import DropPath
 from pykernels.ops import mbconv_se as _ops
 from pykernels.reference.mbconv_se import activation as _activation
+from pykernels.reference.mbconv_se import activation_grad as _activation_grad
 
 __all__ = ["FusedMBConvSE", "SqueezeExcite", "can_convert", "unsupported_reasons"]
 
@@ -606,6 +607,63 @@ def _versions(*tensors) -> tuple:
 # ---- the block -----------------------------------------------------------------------------------------------------
 
 
+class _BatchNormAct(torch.autograd.Function):
+    """``act(batch_norm(y))`` that saves y and the (C,) statistics only: the BatchNorm output, which eager keeps as
+    the activation's input, is recomputed in backward (one elementwise pass) - an expanded tensor less in memory."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, training, momentum, eps, act):
+        normed, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            y, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        ctx.save_for_backward(y, weight, bias, running_mean, running_var, save_mean, save_invstd)
+        ctx.args = (training, eps, act)
+        return _activation(normed, act)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, weight, bias, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+        training, eps, act = ctx.args
+        if training:
+            mean, invstd = save_mean, save_invstd
+        else:
+            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        normed = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1))  # one pass
+        grad_normed = _fused_activation_backward(grad, normed, act)
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad_normed,
+            y,
+            weight,
+            running_mean,
+            running_var,
+            save_mean,
+            save_invstd,
+            training,
+            eps,
+            [
+                ctx.needs_input_grad[0],
+                weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2],
+            ],
+        )
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+
+
+def _fused_activation_backward(grad: torch.Tensor, y: torch.Tensor, act: str) -> torch.Tensor:
+    """grad * act'(y) in one pass, with ATen's own backward kernels (PyTorch's conventions at the kinks)."""
+    if act == "silu":
+        return torch.ops.aten.silu_backward(grad, y)
+    if act == "hardswish":
+        return torch.ops.aten.hardswish_backward(grad, y)
+    if act == "relu":
+        return torch.ops.aten.threshold_backward(grad, y, 0)
+    if act == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0)
+    return grad * _activation_grad(y, act)
+
+
 class _ScaledProjection(torch.autograd.Function):
     """``linear(z * s[b, c], weight)`` over a (B, N, C) channels-last z: saves z and s (not the scaled product, which
     backward recomputes), so training keeps one expanded tensor fewer than eager's ``project(se(x))``."""
@@ -885,7 +943,7 @@ class FusedMBConvSE(nn.Module):
             y = gemm.linear_act(flat, weight, bias, act, packed)
             return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
         y = TF.linear(rows, conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
-        return _activation(self._batch_norm(y, bn), act)
+        return self._batch_norm_act(y, bn, act)
 
     def _regular_conv_bn(self, x, conv, bn, act, fast):
         lay = self._layout
@@ -897,7 +955,24 @@ class FusedMBConvSE(nn.Module):
             y = TF.conv2d(xp, weight.view_as(conv.weight), bias, lay.stride)
             return gemm._inplace_act(y, act)
         y = TF.conv2d(xp, conv.weight, conv.bias, lay.stride)
-        return _activation(self._batch_norm(y, bn), act)
+        return self._batch_norm_act(y, bn, act)
+
+    def _batch_norm_act(self, y, bn, act):
+        """act(BN(y)) saving only y for backward (the BatchNorm output is recomputed there)."""
+        if act == "none" or not torch.is_grad_enabled():
+            return _activation(self._batch_norm(y, bn), act)
+        factor = _bn_factor(bn) if bn.training else None
+        return _BatchNormAct.apply(
+            y,
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            _bn_uses_batch_stats(bn),
+            factor or 0.0,
+            bn.eps,
+            act,
+        )
 
     def _batch_norm(self, y, bn):
         factor = _bn_factor(bn) if bn.training else None

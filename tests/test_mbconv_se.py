@@ -395,3 +395,168 @@ def test_backend_selection_and_backward_pin(monkeypatch):
 def test_gpu_priority():
     assert tuple(ops.OP.gpu_priority) == ("cuda", "triton", "torch")
     assert tuple(ops.OP.cpu_priority) == ("cpp", "torch")
+
+
+# ---- the C++ CPU kernels: bands, thread count, ISA paths -------------------------------------------------------------
+
+# Shapes cut into several bands of output rows (the kernels make B * bands reach ~32 units, >= 8 rows per band): the
+# backward's halo rows, the grad_x rows each band owns, stride 2 with odd / even sizes, cropped columns, C a multiple
+# of 16 in the compute dtype (rows of out / grad_out / grad_x used in place).
+BAND_CASES = {
+    "k5s1_train_cl": ((1, 24, 40, 37), 5, 1, None, "silu", True, "channels_last"),
+    "k3s2_tf_same_nchw": ((1, 20, 45, 33), 3, 2, (0, 1, 0, 1), "hardswish", False, "nchw"),
+    "k7s2_train_nchw": ((2, 16, 35, 30), 7, 2, 3, "relu", True, "nchw"),
+    "k3s2_crop_cl": ((1, 16, 34, 20), 3, 2, 0, "relu6", False, "channels_last"),
+    "k3s1_train_c200": ((1, 200, 17, 9), 3, 1, None, "silu", True, "channels_last"),
+    "k5s1_train_c32": ((2, 32, 30, 45), 5, 1, None, "silu", True, "channels_last"),
+    "k7s2_asym_c48": ((1, 48, 40, 41), 7, 2, (3, 2, 3, 2), "hardswish", False, "channels_last"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(BAND_CASES))
+def test_cpp_bands_against_float64_oracle(case, dtype):
+    shape, k, stride, padding, act, training, layout = BAND_CASES[case]
+    require("cpp", "cpu", dtype)
+    inputs = make_inputs(shape, k, dtype, "cpu", layout, seed=3)
+    check_against_oracle("cpp", inputs, stride=stride, padding=padding, act=act, training=training)
+
+
+def _cpp_run(inputs, grad_out, grad_pooled, *, training, stride, act):
+    """Raw compiled ops: (out, pooled, mean, var, grad_x, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias)."""
+    x, w, cb, bw, bb, rm, rv = inputs
+    k = w.shape[-1]
+    out_h = ops.output_size(x.shape[2], k, stride, k // 2, k // 2)
+    out_w = ops.output_size(x.shape[3], k, stride, k // 2, k // 2)
+    fwd_stats = (None, None) if training else (rm, rv)
+    common = (1e-5, stride, k // 2, k // 2)
+    out, pooled, mean, var = torch.ops.pykernels.mbconv_se_fwd(
+        x, w, cb, bw, bb, *fwd_stats, *common, out_h, out_w, act, training
+    )
+    stats = (mean, var) if training else (rm, rv)
+    grads = torch.ops.pykernels.mbconv_se_bwd(
+        grad_out, grad_pooled, x, w, cb, bw, bb, *stats, *common, act, training, True, True
+    )
+    return (out, pooled, mean, var, *grads)
+
+
+def _thread_case(layout):
+    inputs = make_inputs((3, 40, 37, 23), 5, torch.float32, "cpu", layout, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    grad_out = torch.randn(3, 19, 12, 40, generator=gen)
+    grad_pooled = torch.randn(3, 40, generator=gen)
+    return inputs, grad_out, grad_pooled
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_independent_of_thread_count(layout, training):
+    """The C++ kernels split work into bands and tasks by shape only and add the partial sums (SE sums, batch
+    statistics, parameter gradients) in a fixed order: 1, 2 and 3 intra-op threads give bit-identical results."""
+    require("cpp", "cpu")
+    inputs, grad_out, grad_pooled = _thread_case(layout)
+    names = (
+        "out",
+        "pooled",
+        "mean",
+        "var",
+        "grad_x",
+        "grad_weight",
+        "grad_conv_bias",
+        "grad_bn_weight",
+        "grad_bn_bias",
+    )
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_cpp_run(inputs, grad_out, grad_pooled, training=training, stride=2, act="silu"))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for name, got, want in zip(names, run, runs[0]):
+            assert torch.equal(got, want), f"{name} depends on the thread count"
+
+
+_ISA_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import pykernels.ops
+from test_mbconv_se import _cpp_run, _thread_case
+torch.set_num_threads(2)
+results = []
+for layout in ("nchw", "channels_last"):
+    for training, act in ((False, "silu"), (True, "hardswish")):
+        inputs, grad_out, grad_pooled = _thread_case(layout)
+        results.append(_cpp_run(inputs, grad_out, grad_pooled, training=training, stride=2, act=act))
+torch.save(results, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpp_isa_paths_agree(isa, tmp_path):
+    """The vector code is instantiated for the baseline ISA, AVX2 and AVX-512 (chosen at run time; PYKERNELS_CPU_ISA
+    caps it): every path does the same per-channel operations in the same order, so all give the same bits."""
+    require("cpp", "cpu")
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_ISA_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    results = {}
+    for name in ("default", isa):
+        env = dict(os.environ)
+        env.pop("PYKERNELS_CPU_ISA", None)
+        if name != "default":
+            env["PYKERNELS_CPU_ISA"] = name
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], env=env, check=True, timeout=600)
+        results[name] = torch.load(path)
+    for got_run, want_run in zip(results[isa], results["default"]):
+        for got, want in zip(got_run, want_run):
+            assert torch.equal(got, want), f"the {isa} path differs from the default one"
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_cpp_large_outputs(training):
+    """Outputs of 32 MiB and more take other store paths in the C++ kernels (non-temporal stores, huge-page hints):
+    out, pooled, the statistics and every gradient of a 32.2 MiB channels-last float32 problem against the float64
+    oracle: error <= 2 x the float32 torch backend's error + a floor."""
+    require("cpp", "cpu")
+    inputs = make_inputs((1, 64, 363, 363), 3, torch.float32, "cpu", "channels_last", seed=9)
+    x, w, cb, bw, bb, rm, rv = inputs
+    x64, w64, cb64, bw64, bb64, rm64, rv64 = (t.double() for t in inputs)
+    stats = (None, None) if training else (rm, rv)
+    common = (1e-5, 1, 1, 1)
+    got = torch.ops.pykernels.mbconv_se_fwd(x, w, cb, bw, bb, *stats, *common, 363, 363, "silu", training)
+    assert got[0].nbytes >= 32 << 20
+    want = reference.mbconv_se_fwd(
+        x64, w64, cb64, bw64, bb64, *((None, None) if training else (rm64, rv64)), *common, 363, 363, "silu", training
+    )
+    fp32 = reference.mbconv_se_fwd(x, w, cb, bw, bb, *stats, *common, 363, 363, "silu", training)
+    gen = torch.Generator().manual_seed(10)
+    grad_out = torch.randn(got[0].shape, generator=gen)
+    mean, var = (got[2], got[3]) if training else (rm, rv)
+    tail = ("silu", training, True, True)
+    grads = torch.ops.pykernels.mbconv_se_bwd(grad_out, None, x, w, cb, bw, bb, mean, var, *common, *tail)
+    want_grads = reference.mbconv_se_bwd(
+        grad_out.double(), None, x64, w64, cb64, bw64, bb64, mean.double(), var.double(), *common, *tail
+    )
+    fp32_grads = reference.mbconv_se_bwd(grad_out, None, x, w, cb, bw, bb, mean, var, *common, *tail)
+    assert grads[0].stride() == x.stride()
+    names = (
+        "out",
+        "pooled",
+        "mean",
+        "var",
+        "grad_x",
+        "grad_weight",
+        "grad_conv_bias",
+        "grad_bn_weight",
+        "grad_bn_bias",
+    )
+    for name, a, b, c in zip(names, (*got, *grads), (*want, *want_grads), (*fp32, *fp32_grads)):
+        err = (a.double() - b).abs().max().item() if b.numel() else 0.0
+        bound = 2 * (c.double() - b).abs().max().item() + 1e-6 * b.abs().max().item() if b.numel() else 0.0
+        assert err <= bound, f"{name}: err {err:.3g} > bound {bound:.3g}"

@@ -601,7 +601,7 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
 
 
 def _versions(*tensors) -> tuple:
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    return tuple((t.data_ptr(), t.dtype, t._version) if t is not None else None for t in tensors)
 
 
 # ---- the block -----------------------------------------------------------------------------------------------------

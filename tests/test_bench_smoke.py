@@ -145,3 +145,17 @@ def test_bench_dwconv_ln_smoke(tmp_path):
             assert info["saved_bytes"] > 0, info
         if info["provider"] == "pykernels":
             assert info["backend"] in ("cpp", "torch"), info
+
+
+def test_bench_mbconv_se_smoke(tmp_path):
+    """bench/bench_mbconv_se.py collects and runs its block and whole-model cases (eval and train) for the non-compile
+    providers, recording saved-for-backward bytes on the train steps."""
+    benches = json.loads(_run_bench("bench/bench_mbconv_se.py", tmp_path).read_text())["benchmarks"]
+    seen = {(b["extra_info"]["op"], b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
+    want = {("mbconv_block", f"smoke-{m}", p) for m in ("fwd", "fwd_bwd") for p in SMOKE_PROVIDERS}
+    want |= {("model", f"efficientnet_b0-b2-{m}", p) for m in ("eval", "train_step") for p in SMOKE_PROVIDERS}
+    assert seen == want
+    for b in benches:
+        info = b["extra_info"]
+        if "train" in info["case"] or "bwd" in info["case"]:
+            assert info["saved_bytes"] > 0, info

@@ -1,36 +1,58 @@
-"""GEMM providers of the fused blocks' inference paths: ``act(x @ W^T + b)`` for 1x1 convolutions on channels-last
-activations (MBConv's expand / project), with the provider chosen per shape by measurement.
+"""GEMM providers of the fused blocks: ``act(x @ W^T + b)`` (the 1x1 convolutions of MBConv on channels-last
+activations, the MLP and attention projections of ViT / ConvNeXt blocks), ``other + x @ W^T + b`` (a GEMM with the
+residual add as its epilogue), and the training GEMMs with their backward, each with the provider chosen per shape by
+measurement.
 
-Two providers compute the same thing:
+Inference (no autograd), two providers compute the same thing:
 
 * ``aten``   - ``F.linear`` (``aten::addmm``: the bias is first copied into the output, then a BLAS GEMM), then the
-  activation in place;
-* ``onednn`` - ``torch.ops.mkldnn._linear_pointwise`` with the bias and the activation fused as oneDNN post-ops, on
-  weights reordered once into oneDNN's blocked layout (re-packed whenever the caller's weights change).
+  activation (or the residual add) in place; on CUDA, ``torch._addmm_activation`` (cuBLASLt's bias + GELU-tanh /
+  ReLU epilogue) where it computes the call;
+* ``onednn`` - ``torch.ops.mkldnn._linear_pointwise`` with the bias and the activation (GELU erf / tanh, ReLU, SiLU,
+  ...) or the residual add (``.binary``, "add") fused as oneDNN post-ops, on weights reordered once into oneDNN's
+  blocked layout (re-packed whenever the caller's weights change: :func:`derived`).
+
+Training (:func:`train_provider`): ``aten`` (addmm / mm: the BLAS library torch was built with) or ``conv`` (oneDNN's
+1x1 convolution of a channels-last view of the rows, forward and ``convolution_backward``), timed forward + backward.
 
 Which one is faster depends on the CPU, the thread count and the shape; so the first call of each (M, K, N,
-activation, dtype, threads) times both a few times and keeps the faster one for the process (never a choice by CPU
-vendor name: no machine gets slower than ``aten``). A provider that cannot run a call (oneDNN without bfloat16
+activation, dtype, threads) times the candidates a few times and keeps the fastest for the process (never a choice
+by CPU vendor name: no machine gets slower than ``aten``). A provider that cannot run a call (oneDNN without bfloat16
 support, a CUDA tensor) is not chosen. :func:`choices` lists the decisions (``python -m pykernels info`` prints them).
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["choices", "linear_act", "prepack", "scaled_linear_act"]
+__all__ = [
+    "choices",
+    "derived",
+    "linear_act",
+    "linear_add",
+    "prepack",
+    "scaled_linear_act",
+    "train_linear",
+    "train_linear_backward",
+    "train_provider",
+]
 
 PROVIDERS = ("aten", "onednn")
+# act -> (oneDNN post-op, its scalars, its algorithm): the names torch/_inductor's mkldnn fusion passes use
 _ONEDNN_ACT = {
-    "none": ("none", []),
-    "relu": ("relu", []),
-    "relu6": ("hardtanh", [0.0, 6.0]),
-    "silu": ("swish", []),
-    "hardswish": ("hardswish", []),
+    "none": ("none", [], ""),
+    "relu": ("relu", [], ""),
+    "relu6": ("hardtanh", [0.0, 6.0], ""),
+    "silu": ("swish", [], ""),
+    "hardswish": ("hardswish", [], ""),
+    "gelu": ("gelu", [], "none"),
+    "gelu_tanh": ("gelu", [], "tanh"),
 }
+ACTS = tuple(_ONEDNN_ACT)
 _CHOICES: dict[tuple, str] = {}
 _TIMING_REPEATS = 3
 
@@ -64,6 +86,10 @@ def _inplace_act(y: torch.Tensor, act: str) -> torch.Tensor:
         return F.silu(y, inplace=True)
     if act == "hardswish":
         return F.hardswish(y, inplace=True)
+    if act == "gelu":
+        return torch.ops.aten.gelu_(y, approximate="none")
+    if act == "gelu_tanh":
+        return torch.ops.aten.gelu_(y, approximate="tanh")
     raise ValueError(f"unknown activation {act!r}")
 
 
@@ -72,11 +98,22 @@ def _aten(x, weight, bias, act, packed):
 
 
 def _onednn(x, weight, bias, act, packed):
-    name, scalars = _ONEDNN_ACT[act]
-    return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias, name, scalars, "")
+    name, scalars, algorithm = _ONEDNN_ACT[act]
+    return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias, name, scalars, algorithm)
 
 
 _RUN = {"aten": _aten, "onednn": _onednn}
+
+
+def _cublaslt_epilogue(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> bool:
+    """Whether ``torch._addmm_activation`` (cuBLASLt's bias + GELU-tanh / ReLU epilogue) computes this call."""
+    return (
+        x.device.type == "cuda"
+        and not torch.compiler.is_compiling()
+        and bias is not None
+        and act in ("gelu_tanh", "relu")
+        and x.dim() == 2
+    )
 
 
 def _time(fn) -> float:
@@ -88,19 +125,27 @@ def _time(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _choose(key: tuple, x, weight, bias, act, packed) -> str:
-    timings = {"aten": float("inf")} if _onednn_available(x) else {"aten": 0.0}
-    for name, run in _RUN.items():
-        if name == "onednn" and not _onednn_available(x):
-            continue
+def _pick(key: tuple, runs: dict) -> str:
+    """Time each candidate (name -> zero-argument callable; the first is the baseline, aten) once, keep the fastest
+    for ``key``. A candidate that raises RuntimeError (oneDNN without bfloat16 support on this CPU, ...) is out."""
+    baseline = next(iter(runs))
+    timings = {baseline: float("inf")} if len(runs) > 1 else {baseline: 0.0}
+    for name, run in runs.items():
         try:
-            run(x, weight, bias, act, packed)  # warm-up (oneDNN creates its primitive here)
-            timings[name] = _time(lambda run=run: run(x, weight, bias, act, packed))
-        except RuntimeError:  # e.g. oneDNN without bfloat16 support on this CPU
+            run()  # warm-up (oneDNN creates its primitive here)
+            timings[name] = _time(run)
+        except RuntimeError:
             continue
     best = min(timings, key=timings.get)
     _CHOICES[key] = best
     return best
+
+
+def _choose(key: tuple, x, weight, bias, act, packed) -> str:
+    runs = {"aten": lambda: _aten(x, weight, bias, act, packed)}
+    if _onednn_available(x):
+        runs["onednn"] = lambda: _onednn(x, weight, bias, act, packed)
+    return _pick(key, runs)
 
 
 def linear_act(
@@ -109,6 +154,9 @@ def linear_act(
     """``act(x @ weight^T + bias)`` for a 2-D contiguous ``x`` (M, K) on the faster provider for its shape (inference
     only: no autograd). ``packed``: :func:`prepack` of ``weight`` (the oneDNN provider reorders it otherwise)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
+        if _cublaslt_epilogue(x, bias, act):
+            # cuBLASLt's GELU (tanh form) / ReLU epilogue: the activation inside the GEMM
+            return torch._addmm_activation(bias, x, weight.t(), use_gelu=act == "gelu_tanh")
         return _aten(x, weight, bias, act, packed)
     key = (x.shape[0], x.shape[1], weight.shape[0], act, x.dtype, x.device.type, torch.get_num_threads())
     provider = _CHOICES.get(key) or _choose(key, x, weight, bias, act, packed)
@@ -165,3 +213,167 @@ def scaled_linear_act(
             timings[name] = _time(lambda run=run: run(z.clone(), s, weight, bias, act, packed))
         provider = _CHOICES[key] = min(timings, key=timings.get)
     return _SCALED[provider](z, s, weight, bias, act, packed)
+
+
+# ---- other + x W^T + b: a GEMM with the residual add as its epilogue -------------------------------------------------
+
+
+def _aten_add(x, weight, bias, other, packed):
+    return F.linear(x, weight, bias).add_(other)
+
+
+def _onednn_add(x, weight, bias, other, packed):
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight if packed is None else packed, bias, "add")
+
+
+_RUN_ADD = {"aten": _aten_add, "onednn": _onednn_add}
+
+
+def linear_add(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    other: torch.Tensor,
+    packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``other + x @ weight^T + bias`` for 2-D contiguous ``x`` (M, K) and ``other`` (M, N), on the faster provider for
+    its shape (measured at its first call, as :func:`linear_act`; inference only): ``aten`` (``F.linear`` then an
+    in-place add) or ``onednn`` (one ``_linear_pointwise.binary`` call, the add as a post-op, on packed weights)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return _aten_add(x, weight, bias, other, packed)
+    key = ("add", x.shape[0], x.shape[1], weight.shape[0], x.dtype, x.device.type, torch.get_num_threads())
+    provider = _CHOICES.get(key)
+    if provider is None:
+        runs = {"aten": lambda: _aten_add(x, weight, bias, other, packed)}
+        if _onednn_available(x) and other.dtype == x.dtype:
+            runs["onednn"] = lambda: _onednn_add(x, weight, bias, other, packed)
+        provider = _pick(key, runs)
+    return _RUN_ADD[provider](x, weight, bias, other, packed)
+
+
+# ---- training: y = x W^T + b and its backward, on BLAS (aten) or on oneDNN's 1x1 convolution ------------------------
+#
+# ATen's CPU mm goes to the BLAS library torch was built with (MKL: on some CPUs not its fastest code path), while a
+# 1x1 convolution of a channels-last (1, K, M, 1) view of the same (M, K) rows goes to oneDNN, forward and backward
+# (grad input, grad weight and grad bias in one call). Both compute the same products; which one is faster is
+# measured once per (M, K, N, dtype, threads), forward + backward together.
+
+
+def _rows_as_image(t: torch.Tensor) -> torch.Tensor:
+    """(M, K) contiguous rows as a (1, K, M, 1) channels-last image (a view)."""
+    return t.view(1, t.shape[0], 1, t.shape[1]).permute(0, 3, 1, 2)
+
+
+def _aten_train_fwd(x, weight, bias):
+    return torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+
+
+def _aten_train_bwd(grad, x, weight, need_input, need_weight, need_bias):
+    return (
+        grad.mm(weight) if need_input else None,
+        grad.t().mm(x) if need_weight else None,
+        grad.sum(0) if need_bias else None,
+    )
+
+
+def _conv_train_fwd(x, weight, bias):
+    y = F.conv2d(_rows_as_image(x), weight.view(*weight.shape, 1, 1), bias)
+    return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0])  # a view when oneDNN kept channels-last
+
+
+def _conv_train_bwd(grad, x, weight, need_input, need_weight, need_bias):
+    n, k = weight.shape
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        _rows_as_image(grad),
+        _rows_as_image(x),
+        weight.view(n, k, 1, 1),
+        [n] if need_bias else None,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [need_input, need_weight, need_bias],
+    )
+    return (
+        grad_input.permute(0, 2, 3, 1).reshape(x.shape[0], k) if need_input else None,
+        grad_weight.view(n, k) if need_weight else None,
+        grad_bias if need_bias else None,
+    )
+
+
+TRAIN_PROVIDERS = ("aten", "conv")
+_TRAIN_RUN = {"aten": (_aten_train_fwd, _aten_train_bwd), "conv": (_conv_train_fwd, _conv_train_bwd)}
+
+
+def train_provider(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The provider of ``x @ weight^T + bias`` (x (M, K) contiguous, weight (N, K)) for a training step: ``aten`` or
+    ``conv``, the faster at forward + backward for this shape (timed at its first call on throwaway tensors of the
+    shape; ``aten`` off CPU, under ``torch.compile``, and wherever oneDNN is missing)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+        return "aten"
+    m, k = x.shape
+    n = weight.shape[0]
+    key = ("train", m, k, n, bias is not None, x.dtype, x.device.type, torch.get_num_threads())
+    provider = _CHOICES.get(key)
+    if provider is None:
+        with torch.no_grad():
+            xs, ws = x.detach(), weight.detach()
+            bs = None if bias is None else bias.detach()
+            grad = torch.ones(m, n, dtype=x.dtype, device=x.device)
+
+            def step(name):
+                fwd, bwd = _TRAIN_RUN[name]
+                return lambda: (fwd(xs, ws, bs), bwd(grad, xs, ws, True, True, bs is not None))
+
+            provider = _pick(key, {name: step(name) for name in TRAIN_PROVIDERS})
+    return provider
+
+
+def train_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, provider: str) -> torch.Tensor:
+    """``x @ weight^T + bias`` (M, N) on ``provider`` (no autograd: the caller's autograd.Function owns it)."""
+    return _TRAIN_RUN[provider][0](x, weight, bias)
+
+
+def train_linear_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+    provider: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(grad @ weight, grad^T @ x, grad.sum(0)) - those asked for, None for the others - on ``provider``."""
+    if not (need_input or need_weight or need_bias):
+        return None, None, None
+    return _TRAIN_RUN[provider][1](grad.contiguous(), x, weight, need_input, need_weight, need_bias)
+
+
+# ---- derived weights (packed, folded), rebuilt whenever a tensor they come from changes ------------------------------
+
+_DERIVED: dict[tuple, tuple] = {}
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+
+def derived(tag: str, tensors: tuple, build):
+    """``build()`` - something computed from ``tensors`` (packed or folded weights) - cached per process until one of
+    the tensors changes: another tensor object, another storage / dtype / shape, or an in-place update (an optimizer
+    step, ``load_state_dict``, ``copy_``: the version counter moves). Entries go when a tensor they read is freed.
+    Inference tensors (no version counter) and ``torch.compile`` get ``build()`` every call."""
+    present = [t for t in tensors if t is not None]
+    if torch.compiler.is_compiling() or any(t.is_inference() for t in present):
+        return build()
+    key = (tag, *(id(t) if t is not None else None for t in tensors))
+    stamp = tuple(_stamp(t) if t is not None else None for t in tensors)
+    entry = _DERIVED.get(key)
+    if entry is not None and entry[0] == stamp and all(ref() is t for ref, t in zip(entry[1], present)):
+        return entry[2]
+    value = build()
+    refs = tuple(weakref.ref(t, lambda _, key=key: _DERIVED.pop(key, None)) for t in present)
+    _DERIVED[key] = (stamp, refs, value)
+    return value

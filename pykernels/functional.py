@@ -10,6 +10,9 @@ DropPath (stochastic depth, Huang et al. 2016, "Deep Networks with Stochastic De
 and Hugging Face in ConvNeXt, ViT/DeiT, Swin and EfficientNet: each sample's residual branch is dropped with
 probability ``drop_prob`` and kept samples are scaled by ``1 / keep_prob``. :func:`drop_path_add` fuses it with
 layer-scale (CaiT / ConvNeXt's ``gamma``) and the residual add into one pass over memory.
+
+:func:`mlp` is the transformer / ConvNeXt MLP ``fc2(act(fc1(x)))`` with that epilogue, one autograd node that saves
+the hidden pre-activation once and runs each GEMM on the provider measured fastest for its shape.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pykernels.ops import attention as _attention_ops
 from pykernels.ops import drop_path as _drop_path_ops
 from pykernels.ops import dwconv_ln as _dwconv_ln_ops
 from pykernels.ops import mbconv_se as _mbconv_se_ops
+from pykernels.ops import mlp as _mlp_ops
 from pykernels.ops.drop_path import channel_dim as _channel_dim
 from pykernels.ops.drop_path import check_drop_args as _check_drop_args
 from pykernels.ops.drop_path import check_tensor as _check_tensor
 
-__all__ = ["attention", "drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln", "mbconv_se"]
+__all__ = ["attention", "drop_path", "drop_path_add", "drop_path_branch", "dwconv_ln", "mbconv_se", "mlp"]
 
 
 def _draw(branch: torch.Tensor, gamma, drop_prob, training, scale_by_keep, mode, rng) -> torch.Tensor | None:
@@ -382,3 +386,67 @@ def mbconv_se(
             unbiased = var * (count / max(count - 1, 1))
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return out.permute(0, 3, 1, 2), pooled
+
+# ---- mlp -----------------------------------------------------------------------------------------------------------
+
+
+def mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    act: str = "gelu",
+    *,
+    gamma: torch.Tensor | None = None,
+    shortcut: torch.Tensor | None = None,
+    drop_prob: float = 0.0,
+    training: bool = False,
+    scale_by_keep: bool = True,
+    mode: str = "row",
+    rng: str = "bernoulli",
+) -> torch.Tensor:
+    """``shortcut + drop_path(gamma * fc2(act(fc1(x))))`` over the last dim: the MLP of ViT / ConvNeXt blocks with
+    its layer-scale + DropPath + residual epilogue, as one autograd node (see :mod:`pykernels.ops.mlp`).
+
+    Inference: fc1 + bias + activation as one GEMM call and fc2 + bias (+ gamma folded into the weight, + the
+    residual) as another, each on the provider that was faster for its shape (oneDNN on packed weights or ATen; the
+    packed copies are rebuilt whenever a weight changes). Training: saves x and fc1's output once and recomputes the
+    activation in backward (eager keeps the hidden tensor twice, and fc2's output for gamma's gradient). The DropPath
+    mask is timm's (or torchvision's / Hugging Face's, by ``mode`` / ``rng``) for the same ``torch.manual_seed``.
+    Under ``torch.compile`` it is plain ATen ops.
+
+    Args:
+        x: ``(..., K)``, any float dtype (the fused paths need every tensor in x's dtype; others run plain ATen).
+        fc1_weight: ``(H, K)`` (``nn.Linear``) or ``(H, K, 1, 1)`` (1x1 ``nn.Conv2d``, applied over the last dim).
+        fc1_bias: ``(H,)`` or None.
+        fc2_weight: ``(N, H)`` or ``(N, H, 1, 1)``.
+        fc2_bias: ``(N,)`` or None.
+        act: ``"gelu"`` (erf), ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or ``"none"``.
+        gamma: ``(N,)`` layer-scale or None.
+        shortcut: ``(..., N)`` residual added to the result, or None.
+        drop_prob, training, scale_by_keep, mode, rng: DropPath of the branch, as :func:`drop_path_add` (the first
+            dim of x is the sample dim); nothing is drawn unless ``training`` and ``drop_prob > 0``.
+
+    Returns:
+        ``(..., N)`` contiguous, x's dtype (the fused paths) or PyTorch's promotion (the plain path).
+    """
+    _mlp_ops.check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut)
+    _check_drop_args(drop_prob, mode, rng)
+    scale = None
+    if training and drop_prob > 0.0:
+        if x.dim() < 2:
+            raise ValueError(f"DropPath needs a sample dim and a feature dim, got x of shape {tuple(x.shape)}")
+        out_shape = (*x.shape[:-1], fc2_weight.shape[0])
+        dtype = promote_dtypes(x, gamma)  # what timm draws in: the dtype of gamma * branch
+        scale = reference.draw_drop_path_scale(
+            out_shape[0],
+            len(out_shape),
+            drop_prob,
+            dtype=dtype,
+            device=x.device,
+            scale_by_keep=scale_by_keep,
+            mode=mode,
+            rng=rng,
+        )
+    return _mlp_ops.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale)

@@ -13,6 +13,7 @@ from pykernels.reference.drop_path import (
 )
 from pykernels.reference.dwconv_ln import dwconv_ln, dwconv_ln_bwd, dwconv_ln_fwd
 from pykernels.reference.mbconv_se import mbconv_se, mbconv_se_bwd, mbconv_se_fwd
+from pykernels.reference.mlp import mlp
 
 __all__ = [
     "attention_bwd",
@@ -29,5 +30,6 @@ __all__ = [
     "mbconv_se",
     "mbconv_se_bwd",
     "mbconv_se_fwd",
+    "mlp",
     "promote_dtypes",
 ]

@@ -1,0 +1,284 @@
+"""The fused MLP of ViT / ConvNeXt blocks: ``shortcut + drop_path(gamma * fc2(act(fc1(x))))`` over the last dim, as
+one autograd node whose GEMMs run on the faster provider of :mod:`pykernels.gemm` for each shape.
+
+Three paths, chosen per call:
+
+* **inference** (no tensor needs a gradient, or grad mode off; CPU or CUDA): fc1 + bias + activation is one GEMM
+  call, fc2 + bias (+ the residual) another - oneDNN's ``_linear_pointwise`` with the bias, the activation and the
+  residual add as post-ops on weights packed once, or ``F.linear`` + in-place epilogues (``aten``), whichever was
+  faster for the shape when first timed (:func:`pykernels.gemm.linear_act` / :func:`~pykernels.gemm.linear_add`; on
+  CUDA ``torch._addmm_activation``'s cuBLASLt epilogue for tanh-GELU / ReLU). The layer-scale is folded into fc2
+  (``gamma * (a W2^T + b2) = a (diag(gamma) W2)^T + gamma * b2``). Packed and folded weights are cached
+  (:func:`pykernels.gemm.derived`) and rebuilt whenever a weight changes: another tensor, another storage or dtype,
+  or an in-place update (the version counter moves: optimizer steps, ``load_state_dict``).
+* **training** (:class:`_MlpFunction`): forward saves ``x`` and the fc1 pre-activation ``h`` - once - and the
+  (B,) DropPath scale; backward recomputes ``act(h)``. Eager PyTorch keeps the 4C-wide hidden tensor twice (the
+  activation's input and fc2's input) plus fc2's output for the layer-scale's gradient; here the gamma gradient comes
+  from fc2's weight gradient instead: ``dL/dgamma_n = sum_k G_nk W2_nk + b2_n sum_m g_mn`` with ``G = g^T act(h)``,
+  the product backward computes anyway. Each GEMM (forward + its backward) runs on BLAS (``aten``) or on oneDNN's
+  1x1 convolution of a channels-last view (``conv``), chosen per shape by timing (:func:`pykernels.gemm.
+  train_provider`).
+* **reference** (:func:`pykernels.reference.mlp`: plain ATen ops): under ``torch.compile`` (inductor fuses the
+  epilogue and its partitioner decides what to save and recompute), under autocast, and when the tensors do not
+  share one dtype and device.
+
+Why an ``autograd.Function`` over ATen calls and not a ``torch.library`` custom op: there is no kernel of ours
+here - every step is an ATen or oneDNN op that already has a meta kernel, so a custom op would add only the
+dispatcher's per-call overhead and hide the GEMMs from inductor (which, under ``torch.compile``, does this fusion
+itself - bias + GELU into the GEMM with freezing - and picks its own GEMM backends). The custom-op route would buy
+``opcheck`` and an opaque node, neither of which helps a composition of ATen ops. So eager calls take the fused
+paths, compiled graphs see plain ATen ops (no graph break, ``fullgraph=True`` works), and the DropPath scale is drawn
+from torch's generator before any of it (:func:`pykernels.functional.mlp`), so both see the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pykernels import gemm
+from pykernels._dtypes import dtype_name
+from pykernels.reference import mlp as reference_mlp
+from pykernels.reference.mlp import ACTS, activation, activation_backward
+
+__all__ = ["ACTS", "act_reasons", "check_args", "linear", "mlp"]
+
+# ---- argument rules ------------------------------------------------------------------------------------------------
+
+
+def act_reasons(act: str) -> list[str]:
+    """Why the fused MLP cannot apply ``act`` (empty: it can)."""
+    if act in ACTS:
+        return []
+    return [f"activation {act!r} not supported: the fused MLP takes {', '.join(ACTS)} (gelu = erf form)"]
+
+
+def _as_matrix(name: str, w: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a Linear weight (out, in) or a 1x1 conv weight (out, in, 1, 1)."""
+    if w.dim() == 2 or (w.dim() == 4 and tuple(w.shape[2:]) == (1, 1)):
+        return w.shape[0], w.shape[1]
+    raise ValueError(
+        f"{name} must be a Linear weight (out, in) or a 1x1 conv weight (out, in, 1, 1), got {list(w.shape)}"
+    )
+
+
+def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut) -> None:
+    """Raise TypeError / ValueError, saying what is supported, unless the arguments are an MLP call mlp computes."""
+    for name, t in (("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {dtype_name(t.dtype)}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dim (features last)")
+    hidden, in_features = _as_matrix("fc1_weight", fc1_weight)
+    out_features, hidden2 = _as_matrix("fc2_weight", fc2_weight)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features (last dim) but fc1_weight takes {in_features}")
+    if hidden2 != hidden:
+        raise ValueError(f"fc1 gives {hidden} features but fc2_weight takes {hidden2}")
+    expected = {"fc1_bias": (hidden,), "fc2_bias": (out_features,), "gamma": (out_features,)}
+    for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias), ("gamma", gamma), ("shortcut", shortcut)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor or None, got {type(t).__name__}")
+        want = expected.get(name, (*x.shape[:-1], out_features))
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)}, got {list(t.shape)}")
+    for name, t in (
+        ("fc1_weight", fc1_weight),
+        ("fc1_bias", fc1_bias),
+        ("fc2_weight", fc2_weight),
+        ("fc2_bias", fc2_bias),
+        ("gamma", gamma),
+        ("shortcut", shortcut),
+    ):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+    reasons = act_reasons(act)
+    if reasons:
+        raise ValueError(reasons[0])
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------------------
+
+
+def _fused_ok(x: torch.Tensor, tensors) -> bool:
+    """The fused paths take one dtype and device for every tensor, no autocast, no tracing by torch.compile."""
+    if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    return all(t.dtype == x.dtype and t.device == x.device for t in tensors if t is not None)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    act: str,
+    gamma: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """``shortcut + scale[b] * (gamma * fc2(act(fc1(x))))`` (arguments as checked by :func:`check_args`; ``scale``
+    the (B,) DropPath multipliers or None) on the inference, training or reference path (see the module docstring).
+    Returns ``(..., N)``, contiguous, x's dtype."""
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
+    if not _fused_ok(x, tensors + (scale,)):
+        return reference_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale)
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    out_features = fc2_weight.shape[0]
+    short = None if shortcut is None else shortcut.reshape(-1, out_features)
+    if short is not None and not short.is_contiguous():
+        short = short.contiguous()
+    if scale is not None:
+        scale = scale.reshape(-1)
+    if _needs_grad(tensors):
+        out = _MlpFunction.apply(
+            rows, fc1_weight.flatten(1), fc1_bias, fc2_weight.flatten(1), fc2_bias, gamma, short, scale, act
+        )
+    else:
+        out = _inference(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, short, scale)
+    return out.view(*lead, out_features)
+
+
+def _epilogue_(y: torch.Tensor, shortcut: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+    """``shortcut + scale[b] * y`` for y (M, N), a temporary of ours (written in place where that saves a pass)."""
+    if scale is None:
+        return y if shortcut is None else y.add_(shortcut)
+    batch = scale.shape[0]
+    per_sample = scale.view(batch, 1, 1)
+    y3 = y.view(batch, -1, y.shape[1])
+    if shortcut is None:
+        return y3.mul_(per_sample).view_as(y)
+    return torch.addcmul(shortcut.view_as(y3), y3, per_sample).view_as(y)
+
+
+# ---- inference: packed weights, GEMMs with epilogues -------------------------------------------------------------
+
+
+def _pack(weight: torch.Tensor, rows: int):
+    return gemm.prepack(weight.detach(), rows) if weight.device.type == "cpu" else None
+
+
+def _fc1_weights(w1: torch.Tensor, rows: int):
+    """(fc1 weight (H, K), its packed form or None)."""
+    w = w1.flatten(1)
+    return w, gemm.derived("mlp.pack", (w1,), lambda: _pack(w, rows))
+
+
+def _fc2_weights(w2: torch.Tensor, b2: torch.Tensor | None, gamma: torch.Tensor | None, rows: int):
+    """(fc2 weight with gamma folded in, bias with gamma folded in, packed weight or None)."""
+    if gamma is None:
+        w = w2.flatten(1)
+        return w, b2, gemm.derived("mlp.pack", (w2,), lambda: _pack(w, rows))
+
+    def fold():
+        with torch.no_grad():
+            w = (w2.flatten(1) * gamma[:, None]).contiguous()
+            b = None if b2 is None else b2 * gamma
+        return w, b, _pack(w, rows)
+
+    return gemm.derived("mlp.fold_gamma", (w2, b2, gamma), fold)
+
+
+def _inference(x, w1, b1, w2, b2, act, gamma, shortcut, scale):
+    rows = x.shape[0]
+    w1m, packed1 = _fc1_weights(w1, rows)
+    hidden = gemm.linear_act(x, w1m, b1, act, packed1)
+    w2m, b2m, packed2 = _fc2_weights(w2, b2, gamma, rows)
+    if shortcut is not None and scale is None:
+        return gemm.linear_add(hidden, w2m, b2m, shortcut, packed2)
+    return _epilogue_(gemm.linear_act(hidden, w2m, b2m, "none", packed2), shortcut, scale)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
+    """``act(F.linear(x, weight, bias))`` over the last dim: on the faster GEMM provider with cached packed weights
+    when nothing needs a gradient (CPU / CUDA, one dtype, outside torch.compile and autocast), else plain ATen.
+    ``weight`` must be the caller's parameter itself (the packed copy is cached under it)."""
+    tensors = (x, weight, bias)
+    if not _fused_ok(x, tensors) or _needs_grad(tensors):
+        return activation(torch.nn.functional.linear(x, weight, bias), act)
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    w, packed = _fc1_weights(weight, rows.shape[0])
+    return gemm.linear_act(rows, w, bias, act, packed).view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- training: one autograd node, the pre-activation saved once -------------------------------------------------
+
+
+class _MlpFunction(torch.autograd.Function):
+    """``shortcut + scale[b] * (gamma * fc2(act(fc1(x))))`` on (M, K) rows; saves x, h = fc1(x), the weights and the
+    (B,) scale; backward recomputes act(h)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, gamma, shortcut, scale, act):
+        provider1 = gemm.train_provider(x, w1, b1)
+        h = gemm.train_linear(x, w1, b1, provider1)
+        a = activation(h, act) if act != "none" else h
+        w2s, b2s = w2, b2
+        if gamma is not None:  # gamma * (a W2^T + b2) = a (diag(gamma) W2)^T + gamma * b2
+            w2s = w2 * gamma[:, None]
+            b2s = None if b2 is None else b2 * gamma
+        provider2 = gemm.train_provider(a, w2s, b2s)
+        y = gemm.train_linear(a, w2s, b2s, provider2)
+        del a
+        out = _epilogue_(y, shortcut, scale)
+        ctx.save_for_backward(x, h, w1, w2, b2, gamma, scale)
+        ctx.act = act
+        ctx.providers = (provider1, provider2)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, h, w1, w2, b2, gamma, scale = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_gamma, need_shortcut = ctx.needs_input_grad[:7]
+        provider1, provider2 = ctx.providers
+        grad_out = grad_out.contiguous()
+        grad_shortcut = grad_out if need_shortcut else None
+        # g = dL/dy, y = a (diag(gamma) W2)^T + gamma * b2 (the DropPath scale applied, gamma folded in the weight)
+        g = grad_out
+        if scale is not None:
+            g = (grad_out.view(scale.shape[0], -1, grad_out.shape[1]) * scale.view(-1, 1, 1)).view_as(grad_out)
+        need_hidden = need_x or need_w1 or need_b1
+        need_gw = need_w2 or need_gamma
+        need_gb = need_b2 or (need_gamma and b2 is not None)
+        grad_w2 = grad_b2 = grad_gamma = grad_x = grad_w1 = grad_b1 = None
+        if need_hidden or need_gw or need_gb:
+            a = activation(h, ctx.act) if ctx.act != "none" else h
+            w2s = w2 if gamma is None else w2 * gamma[:, None]
+            grad_a, gw, gb = gemm.train_linear_backward(g, a, w2s, need_hidden, need_gw, need_gb, provider2)
+            del a
+            if gamma is None:
+                grad_w2, grad_b2 = gw, gb
+            else:
+                if need_w2:
+                    grad_w2 = gw * gamma[:, None]
+                if need_b2:
+                    grad_b2 = gb * gamma
+                if need_gamma:
+                    grad_gamma = (gw * w2).sum(1)
+                    if b2 is not None:
+                        grad_gamma += gb * b2
+            if need_hidden:
+                if ctx.act == "none" and grad_a is not None:
+                    grad_h = grad_a
+                else:
+                    grad_h = activation_backward(grad_a, h, ctx.act)
+                grad_x, grad_w1, grad_b1 = gemm.train_linear_backward(
+                    grad_h, x, w1, need_x, need_w1, need_b1, provider1
+                )
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma, grad_shortcut, None, None

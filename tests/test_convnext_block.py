@@ -5,7 +5,7 @@ seeds' reference ``ConvNeXtBlock`` (../shared/seeds/003_8d8ded4205e85488.txt).
 * eval mode: output and every gradient (input and each parameter, mapped back to the original's name) in float32
   (tight tolerance) and in float64, on the automatic backend and on ``torch``;
 * train mode with drop_path > 0 and the same seed: the same samples dropped, the same values; and the mask/scale
-  path is bit-identical to the original's DropPath (``torch.equal`` of ``x + DropPath(branch * gamma)``);
+  path is the original's DropPath (``x + DropPath(branch * gamma)``, up to the rounding of gamma folded into fc2);
 * layouts (NCHW, channels_last), awkward sizes, kernel sizes, state_dict compatibility, ``pykernels.swap`` on real
   timm / torchvision / Hugging Face models, ``torch.compile(fullgraph=True)``, and the variants it refuses.
 
@@ -242,13 +242,12 @@ def test_train_mode_same_seed_same_output(source, layout, backend):
             assert torch.equal(rows, dropped_rows(ref - x)), f"seed {seed}: other samples dropped than the original"
             outcomes.update(rows.tolist())
             assert_close_scaled(out, ref, 2e-6, f"seed {seed}")
-            # the mask / scale / layer-scale / residual path is the original's, bit for bit where it masks by multiply
+            # the mask / scale / layer-scale / residual path is the original's DropPath applied to our branch, up to
+            # rounding: the fused MLP folds gamma into fc2's weight and adds the residual in fc2's epilogue (and HF /
+            # the seeds divide by keep_prob before masking)
             with torch.no_grad():
                 composed = run_seeded(lambda: x + original_drop_path(our_branch(ours, x) * gamma), seed)
-            if SOURCES[source][2]:
-                assert torch.equal(out.detach(), composed), f"seed {seed}: {(out - composed).abs().max().item()}"
-            else:  # HF / seeds divide by keep_prob before masking: one rounding apart
-                torch.testing.assert_close(out.detach(), composed, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(out.detach(), composed, rtol=1e-6, atol=1e-6)
         assert outcomes == {True, False}, "both dropped and kept samples must occur"
         # gradients in train mode (same seed: same mask)
         compare_seeded = functools.partial(run_seeded, seed=11)

@@ -5,10 +5,12 @@
 * ``dwconv -> LayerNorm`` is one :func:`pykernels.functional.dwconv_ln` call: it reads ``x`` (NCHW or
   channels-last) through its strides and writes the (B, H, W, C) tensor the Linear layers want, so there is no
   permute copy in front of the MLP;
-* layer-scale, DropPath and the residual add are one :func:`pykernels.functional.drop_path_add` call, with the
-  DropPath mask drawn exactly as the original module draws it (timm / torchvision: ``bernoulli_``; Hugging Face and
-  the reference implementations: ``floor(keep_prob + rand)``), so a converted block reproduces the original's
-  training-mode output under the same ``torch.manual_seed``.
+* ``fc2(GELU(fc1(.)))``, layer-scale, DropPath and the residual add are one :func:`pykernels.functional.mlp` call
+  (fc1 + bias + GELU one GEMM call, gamma folded into fc2, the residual add fc2's epilogue; in training the hidden
+  pre-activation is saved once and GELU recomputed in backward), with the DropPath mask drawn exactly as the
+  original module draws it (timm / torchvision: ``bernoulli_``; Hugging Face and the reference implementations:
+  ``floor(keep_prob + rand)``), so a converted block reproduces the original's training-mode output under the same
+  ``torch.manual_seed``.
 
 :meth:`ConvNeXtBlock.from_module` converts timm's ``ConvNeXtBlock`` (``conv_mlp`` False and True), torchvision's
 ``CNBlock``, Hugging Face's ``ConvNextLayer`` and the official / reference ``Block`` layout (``dwconv``, ``norm``,
@@ -38,9 +40,10 @@ def _dwconv_ln_nhwc(x, weight, conv_bias, ln_weight, ln_bias, eps, backend):
 class ConvNeXtMlp(nn.Module):
     """``fc2(GELU(fc1(x)))`` over the last dim of a (B, H, W, C) tensor (timm's ``Mlp`` parameter names).
 
-    With ``conv=True`` the two layers are 1x1 ``nn.Conv2d`` (timm's ``conv_mlp=True`` parameter shapes
-    ``(out, in, 1, 1)``, so such a state_dict loads as is) but are still computed as ``F.linear`` on the
-    channels-last tensor: no NCHW round trip.
+    Computed by :func:`pykernels.functional.mlp` (fc1 + bias + GELU as one GEMM call on packed weights in inference;
+    the hidden pre-activation saved once in training). With ``conv=True`` the two layers are 1x1 ``nn.Conv2d``
+    (timm's ``conv_mlp=True`` parameter shapes ``(out, in, 1, 1)``, so such a state_dict loads as is) but are still
+    computed over the last dim of the channels-last tensor: no NCHW round trip.
 
     Args:
         dim: channels C (input and output).
@@ -62,12 +65,7 @@ class ConvNeXtMlp(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = nn.functional.linear(x, self.fc1.weight.flatten(1), self.fc1.bias)
-        if hidden.requires_grad or type(self.act) is not nn.GELU:
-            hidden = self.act(hidden)
-        else:  # inference: GELU in place on the (..., 4C) hidden tensor, the block's largest (no second buffer)
-            hidden = torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
-        return nn.functional.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
+        return PF.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, "gelu")
 
     def extra_repr(self) -> str:
         return "conv=True" if self.conv else ""
@@ -95,7 +93,8 @@ class ConvNeXtBlock(nn.Module):
             computation is the same channels-last ``linear`` either way.
         conv_bias: bias in the depthwise convolution.
         hidden_dim: hidden width of the MLP, overriding ``mlp_ratio``.
-        backend: force a backend (``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``) for both fused ops; None chooses.
+        backend: force a backend (``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``) for the fused dwconv + LayerNorm;
+            None chooses. (The MLP and its epilogue are GEMM calls on the provider measured fastest: no backend.)
 
     Shape:
         ``forward(x (B, C, H, W)) -> (B, C, H, W)``. ``x`` may be NCHW-contiguous or channels-last; the output is
@@ -154,19 +153,24 @@ class ConvNeXtBlock(nn.Module):
         y = _dwconv_ln_nhwc(
             x, self.conv_dw.weight, self.conv_dw.bias, norm.weight, norm.bias, norm.eps, self.backend
         )  # (B, H, W, C) contiguous
-        y = self.mlp(y)  # (B, H, W, C) contiguous
-        # Residual add in (B, H, W, C) order: x.permute(0, 2, 3, 1) is a free view of a channels-last x; an NCHW x is
-        # the one operand drop_path_add copies (once) - the same single transposition the original's permute + add
-        # does. The result, viewed back as (B, C, H, W), is channels-last, so every following block reads it as is.
-        dp = self.drop_path
-        out = PF.drop_path_add(
-            x.permute(0, 2, 3, 1),
+        # MLP + layer-scale + DropPath + residual as one fused op (functional.mlp): gamma is folded into fc2 and the
+        # residual add is fc2's epilogue. The residual is read in (B, H, W, C) order: x.permute(0, 2, 3, 1) is a free
+        # view of a channels-last x; an NCHW x is copied once - the same single transposition the original's permute
+        # + add does. The result, viewed back as (B, C, H, W), is channels-last, so every following block reads it
+        # as is. The DropPath mask is the original's under the same seed (the DropPath module's mode and rng).
+        mlp, dp = self.mlp, self.drop_path
+        out = PF.mlp(
             y,
-            dp.drop_prob,
-            self.gamma,
-            dp.training,
-            dp.scale_by_keep,
-            dp.backend,
+            mlp.fc1.weight,
+            mlp.fc1.bias,
+            mlp.fc2.weight,
+            mlp.fc2.bias,
+            "gelu",
+            gamma=self.gamma,
+            shortcut=x.permute(0, 2, 3, 1),
+            drop_prob=dp.drop_prob,
+            training=dp.training,
+            scale_by_keep=dp.scale_by_keep,
             mode=dp.mode,
             rng=dp.rng,
         )

@@ -1,9 +1,9 @@
 """pykernels: fused Triton / CUDA / C++ kernels for ViT, ConvNeXt and EfficientNet building blocks, as drop-in
 ``nn.Module``s with full autograd.
 
-    from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMBConvSE, FusedMHSA
-    from pykernels.functional import attention, drop_path_add, dwconv_ln, mbconv_se
-    pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt and MBConv blocks, DropPaths -> pykernels'
+    from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMBConvSE, FusedMHSA, FusedMlp
+    from pykernels.functional import attention, drop_path_add, dwconv_ln, mbconv_se, mlp
+    pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt and MBConv blocks, MLPs, DropPaths
 
 Importing never fails because Triton, the compiled extension or a GPU is missing: each op falls back to a
 backend that is there (``python -m pykernels info`` says which).
@@ -12,7 +12,15 @@ backend that is there (``python -m pykernels info`` says which).
 from pykernels import backends as _backends
 from pykernels import functional, ops
 from pykernels.backends import BackendNotSupportedError, use_backend
-from pykernels.modules import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMBConvSE, FusedMHSA, SqueezeExcite
+from pykernels.modules import (
+    ConvNeXtBlock,
+    DropPath,
+    DWConvLayerNorm,
+    FusedMBConvSE,
+    FusedMHSA,
+    FusedMlp,
+    SqueezeExcite,
+)
 from pykernels.swap import swap
 
 
@@ -28,6 +36,7 @@ __all__ = [
     "DWConvLayerNorm",
     "FusedMBConvSE",
     "FusedMHSA",
+    "FusedMlp",
     "functional",
     "info",
     "SqueezeExcite",

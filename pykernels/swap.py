@@ -20,6 +20,11 @@ is visited again):
   ``MBConv`` / ``FusedMBConv`` / MobileNet-V3 ``InvertedResidual``, Hugging Face ``EfficientNetBlock``, the seeds'
   ``FusedMBConv`` -> :class:`pykernels.FusedMBConvSE`, which keeps the block's own submodules (state_dict keys
   unchanged). Variants it does not compute (anti-aliasing, dilation, other norms or activations) are skipped.
+* ``"mlp"`` (default): timm ``Mlp`` (``use_conv`` False / True), torchvision ``MLPBlock`` / two-layer ``MLP``, Hugging
+  Face ``ViTMLP`` / ``Dinov2MLP`` -> :class:`pykernels.FusedMlp`, which keeps the original's submodules (state_dict
+  keys unchanged): fc1 + bias + activation as one GEMM call in inference (oneDNN on packed weights where that was
+  measured faster), the hidden pre-activation saved once in training. A norm between the layers or an activation
+  other than GELU (erf / tanh), ReLU, SiLU is skipped with the reason.
 * ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
   :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
 * ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, Hugging Face ViT-layout attention
@@ -41,10 +46,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pykernels.modules import ConvNeXtBlock, DropPath, FusedMBConvSE, FusedMHSA
+from pykernels.modules import ConvNeXtBlock, DropPath, FusedMBConvSE, FusedMHSA, FusedMlp
 from pykernels.modules import attention as _attention
 from pykernels.modules import convnext as _convnext
 from pykernels.modules import mbconv_se as _mbconv
+from pykernels.modules import mlp as _mlp
 
 _KNOWN_LIBRARIES = ("timm.", "torchvision.", "transformers.")
 
@@ -143,6 +149,7 @@ CONVERTERS: list[Converter] = [
         FusedMBConvSE.from_module,
         _mbconv_probe,
     ),
+    Converter("mlp", _mlp.is_candidate, _mlp.unsupported_reasons, FusedMlp.from_module),
     Converter("drop_path", _is_drop_path, lambda m: [], DropPath.from_module, _drop_path_probe, probe_train=True),
     # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path)
     Converter(
@@ -255,7 +262,8 @@ def swap(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
-        include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"`` and ``"drop_path"``; ``"attention"`` -
+        include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"``, ``"mlp"`` and ``"drop_path"``;
+            ``"attention"`` -
             timm ``Attention``, ``nn.MultiheadAttention``, HF ViT-layout attention -> ``FusedMHSA`` - is opt-in for
             now). See the module docstring for what each kind replaces.
         exclude: kinds to leave alone.

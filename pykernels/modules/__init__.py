@@ -5,6 +5,7 @@ from pykernels.modules.convnext import ConvNeXtBlock
 from pykernels.modules.drop_path import DropPath
 from pykernels.modules.dwconv_ln import DWConvLayerNorm
 from pykernels.modules.mbconv_se import FusedMBConvSE, SqueezeExcite
+from pykernels.modules.mlp import FusedMlp
 
 __all__ = [
     "ConvNeXtBlock",
@@ -12,6 +13,7 @@ __all__ = [
     "DWConvLayerNorm",
     "FusedMBConvSE",
     "FusedMHSA",
+    "FusedMlp",
     "FusedMultiheadAttention",
     "FusedViTAttention",
     "SqueezeExcite",

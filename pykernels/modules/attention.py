@@ -2,7 +2,9 @@
 
 * :class:`FusedMHSA` - timm's ``vision_transformer.Attention`` layout (``qkv`` and ``proj`` Linears: its state_dict
   loads as is, ``strict=True``): ``proj(attention(qkv(x)))`` with the attention in one pykernels op that reads the
-  packed qkv projection without a copy and never stores an N x N matrix (Triton backend).
+  packed qkv projection without a copy and never stores an N x N matrix (Triton backend). In inference the qkv and
+  proj GEMMs run on the provider of :mod:`pykernels.gemm` measured fastest for their shape (oneDNN on packed
+  weights, or ATen).
 * :class:`FusedViTAttention` - what :meth:`FusedMHSA.from_module` returns for Hugging Face's ``ViTAttention``:
   the same module with HF's call signature ``forward(hidden_states, attention_mask=None, **kwargs) ->
   (out, None)``.
@@ -20,6 +22,7 @@ from torch import nn
 from pykernels import backends
 from pykernels import functional as F
 from pykernels.ops import attention as _attention_ops
+from pykernels.ops import mlp as _mlp_ops
 
 __all__ = [
     "FusedMHSA",
@@ -29,6 +32,14 @@ __all__ = [
     "can_convert",
     "unsupported_reasons",
 ]
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)``: in inference on the GEMM provider measured fastest for the shape, on weights packed once (and
+    repacked whenever they change); with autograd (or under torch.compile, autocast) the plain ``nn.Linear``."""
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    return _mlp_ops.linear(x, layer.weight, layer.bias)
 
 
 class FusedMHSA(nn.Module):
@@ -101,7 +112,7 @@ class FusedMHSA(nn.Module):
             raise ValueError(f"x has {channels} channels, {type(self).__name__} was built for dim={self.dim}")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be a bool tensor (True = ignore), got {key_padding_mask.dtype}")
-        qkv = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim)
+        qkv = _linear(x, self.qkv).view(batch, n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, N, H, D) strided views of the packed projection: no copy
         dropout_p = self.attn_drop if self.training else 0.0
         causal = self.causal if causal is None else causal
@@ -135,7 +146,7 @@ class FusedMHSA(nn.Module):
                 )
             attn_bias = attn_mask if attn_bias is None else attn_bias + attn_mask
         causal = self.causal or bool(is_causal)
-        return self.proj_drop(self.proj(self.attention(x, attn_bias, key_padding_mask, causal)))
+        return self.proj_drop(_linear(self.attention(x, attn_bias, key_padding_mask, causal), self.proj))
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"head_dim={self.head_dim}"]
@@ -522,7 +533,7 @@ class FusedMultiheadAttention(FusedMHSA):
                 bias = torch.zeros(bias.shape, dtype=x.dtype, device=bias.device).masked_fill(bias, float("-inf"))
             if bias.dim() == 3:
                 bias = bias.view(batch, self.num_heads, n, n)
-        out = self.proj(self.attention(x, bias, key_padding_mask))
+        out = _linear(self.attention(x, bias, key_padding_mask), self.proj)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None

@@ -405,9 +405,13 @@ def mlp(
     scale_by_keep: bool = True,
     mode: str = "row",
     rng: str = "bernoulli",
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float | None = None,
 ) -> torch.Tensor:
     """``shortcut + drop_path(gamma * fc2(act(fc1(x))))`` over the last dim: the MLP of ViT / ConvNeXt blocks with
-    its layer-scale + DropPath + residual epilogue, as one autograd node (see :mod:`pykernels.ops.mlp`).
+    its layer-scale + DropPath + residual epilogue (and optionally the pre-norm in front), as one autograd node (see
+    :mod:`pykernels.ops.mlp`).
 
     Inference: fc1 + bias + activation as one GEMM call and fc2 + bias (+ gamma folded into the weight, + the
     residual) as another, each on the provider that was faster for its shape (oneDNN on packed weights or ATen; the
@@ -427,11 +431,15 @@ def mlp(
         shortcut: ``(..., N)`` residual added to the result, or None.
         drop_prob, training, scale_by_keep, mode, rng: DropPath of the branch, as :func:`drop_path_add` (the first
             dim of x is the sample dim); nothing is drawn unless ``training`` and ``drop_prob > 0``.
+        ln_weight, ln_bias, ln_eps: with ``ln_eps`` not None, ``x`` is first normalised by
+            ``F.layer_norm(x, (K,), ln_weight, ln_bias, ln_eps)`` (a pre-norm block's norm; weight / bias ``(K,)`` or
+            None). Training then saves x instead of the normalised copy and recomputes the LayerNorm in backward.
 
     Returns:
         ``(..., N)`` contiguous, x's dtype (the fused paths) or PyTorch's promotion (the plain path).
     """
-    _mlp_ops.check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut)
+    norm = None if ln_eps is None else (ln_weight, ln_bias, float(ln_eps))
+    _mlp_ops.check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, norm)
     _check_drop_args(drop_prob, mode, rng)
     scale = None
     if training and drop_prob > 0.0:
@@ -449,4 +457,4 @@ def mlp(
             mode=mode,
             rng=rng,
         )
-    return _mlp_ops.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale)
+    return _mlp_ops.mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale, norm)

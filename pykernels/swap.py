@@ -24,7 +24,10 @@ is visited again):
   Face ``ViTMLP`` / ``Dinov2MLP`` -> :class:`pykernels.FusedMlp`, which keeps the original's submodules (state_dict
   keys unchanged): fc1 + bias + activation as one GEMM call in inference (oneDNN on packed weights where that was
   measured faster), the hidden pre-activation saved once in training. A norm between the layers or an activation
-  other than GELU (erf / tanh), ReLU, SiLU is skipped with the reason.
+  other than GELU (erf / tanh), ReLU, SiLU is skipped with the reason. In timm's ViT ``Block``, torchvision's
+  ``EncoderBlock`` and HF's ``ViTLayer`` / ``Dinov2Layer`` the LayerNorm in front of the MLP moves into the
+  FusedMlp (``pykernels.modules.mlp.adopt_prenorm``: the block's norm becomes an identity ``MlpPreNorm`` holding
+  the same parameters), so training saves the LayerNorm's input alone.
 * ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
   :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
 * ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, Hugging Face ViT-layout attention
@@ -314,6 +317,15 @@ def swap(
                     setattr(parent, child_name, new)
                 report.replaced.append(Replaced(path, type(child).__name__, type(new).__name__, conv.kind))
                 done.append(path)
+                if conv.kind == "mlp":  # a pre-norm block's LayerNorm moves into its FusedMlp
+                    norm_name = _mlp.prenorm_name(parent, child_name, new)
+                    if norm_name is not None:
+                        norm_path = f"{parent_name}.{norm_name}" if parent_name else norm_name
+                        old_norm = type(getattr(parent, norm_name)).__name__
+                        if not dry_run:
+                            _mlp.adopt_prenorm(parent, child_name, new)
+                        report.replaced.append(Replaced(norm_path, old_norm, "MlpPreNorm", conv.kind))
+                        done.append(norm_path)
                 break
     if not dry_run:
         model.pykernels_swapped = [r.path for r in report.replaced]

@@ -608,7 +608,10 @@ def test_swap_report():
     with torch.no_grad():
         want = model(x)
     report = pykernels.swap(model)
-    assert [(r.path, r.kind) for r in report.replaced if r.kind == "mlp"] == [("blocks.0.mlp", "mlp")]
+    assert [(r.path, r.new) for r in report.replaced if r.kind == "mlp"] == [
+        ("blocks.0.mlp", "FusedMlp"),
+        ("blocks.0.norm2", "MlpPreNorm"),  # the block's pre-norm moved into the FusedMlp
+    ]
     assert [(s.path, s.kind) for s in report.skipped] == [("blocks.1.mlp", "mlp")]
     assert "LayerNorm" in report.skipped[0].reason
     assert list(model.state_dict()) == keys
@@ -616,3 +619,112 @@ def test_swap_report():
         assert_close_scaled(model(x), want, 2e-6)
     assert not pykernels.swap(model).replaced
     assert "mlp" not in {r.kind for r in pykernels.swap(copy.deepcopy(model), exclude="mlp").replaced}
+
+
+# ---- 6. the pre-norm taken into the fused op (ViT blocks) --------------------------------------------------------
+
+
+def test_layer_norm_prologue_matches_float64():
+    case = make_case((3, 4, 10), 16, 10, True, True, True, seed=2)
+    g = torch.Generator().manual_seed(3)
+    ln_weight = (1 + 0.3 * torch.randn(10, generator=g)).requires_grad_()
+    ln_bias = (0.3 * torch.randn(10, generator=g)).requires_grad_()
+    grad = torch.randn(3, 4, 10, generator=g, dtype=torch.float64)
+
+    def fused():
+        torch.manual_seed(0)
+        return PF.mlp(
+            *(case[n] for n in ORDER[:5]),
+            gamma=case["gamma"],
+            shortcut=case["shortcut"],
+            drop_prob=0.3,
+            training=True,
+            ln_weight=ln_weight,
+            ln_bias=ln_bias,
+            ln_eps=1e-5,
+        )
+
+    out = fused()
+    (out * grad.float()).sum().backward()
+    torch.manual_seed(0)
+    scale = reference.draw_drop_path_scale(3, 3, 0.3, dtype=torch.float32, device="cpu").double()
+    case64 = {n: t.detach().double().requires_grad_() for n, t in case.items()}
+    w64, b64 = ln_weight.detach().double().requires_grad_(), ln_bias.detach().double().requires_grad_()
+    inputs64 = [case64[n] for n in ORDER[:5]]
+    want = reference.mlp(*inputs64, "gelu", case64["gamma"], case64["shortcut"], scale, (w64, b64, 1e-5))
+    (want * grad).sum().backward()
+    assert_close_scaled(out.detach(), want.detach(), 2e-6, "output")
+    for name in ORDER:
+        assert_close_scaled(case[name].grad, case64[name].grad, 2e-5, f"grad {name}")
+    assert_close_scaled(ln_weight.grad, w64.grad, 2e-5, "grad ln_weight")
+    assert_close_scaled(ln_bias.grad, b64.grad, 2e-5, "grad ln_bias")
+    with torch.no_grad():
+        assert_close_scaled(fused(), want.detach(), 2e-6, "no-grad output")
+
+
+def vit_blocks():
+    from timm.models.vision_transformer import Block
+    from torchvision.models.vision_transformer import EncoderBlock
+    from transformers import ViTConfig
+    from transformers.models.vit.modeling_vit import ViTLayer
+
+    config = ViTConfig(hidden_size=24, num_attention_heads=3, intermediate_size=40)
+    return {
+        "timm": (lambda: Block(24, 3, mlp_ratio=2.0), "norm2"),
+        "torchvision": (lambda: EncoderBlock(3, 24, 40, 0.0, 0.0), "ln_2"),
+        "huggingface": (lambda: ViTLayer(config), "layernorm_after"),
+    }
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision", "huggingface"])
+def test_swapped_vit_block_takes_its_pre_norm(source):
+    build, norm_name = vit_blocks()[source]
+    torch.manual_seed(0)
+    original = perturbed(build())
+    block = copy.deepcopy(original)
+    keys = list(block.state_dict())
+    params = dict(block.named_parameters())
+    report = pykernels.swap(block, include="mlp")
+    assert [r.path for r in report.replaced] == ["mlp", norm_name]
+    assert isinstance(getattr(block, norm_name), mlp_module.MlpPreNorm) and block.mlp._prenorm is getattr(
+        block, norm_name
+    )
+    assert list(block.state_dict()) == keys and dict(block.named_parameters()) == params  # the same Parameters
+    x = torch.randn(2, 5, 24)
+
+    def call(module, x):
+        out = module(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    for training in (False, True):
+        original.train(training), block.train(training)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want, got = call(original, xa), call(block, xb)
+        assert_close_scaled(got, want, 2e-6, f"training={training}")
+        g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+        (want * g).sum().backward()
+        (got * g).sum().backward()
+        assert_close_scaled(xb.grad, xa.grad, 2e-5, "grad x")
+        for (name, p), q in zip(block.named_parameters(), original.parameters()):
+            assert_close_scaled(p.grad, q.grad, 2e-5, f"grad {name}")
+        block.zero_grad(), original.zero_grad()
+    again = copy.deepcopy(block)  # the reference to the norm follows the copy
+    assert again.mlp._prenorm is getattr(again, norm_name)
+    assert "mlp" not in {r.kind for r in pykernels.swap(block).replaced}
+
+
+def test_pre_norm_saves_one_tensor_less():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    original = Block(16, 2, mlp_ratio=4.0).train()
+    swapped = copy.deepcopy(original)
+    pykernels.swap(swapped, include="mlp")
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    ours = saved_storages(lambda: swapped(x))
+    theirs = saved_storages(lambda: original(x))
+    params = {p.untyped_storage().data_ptr() for m in (original, swapped) for p in m.parameters()}
+    token = 2 * 8 * 16 * 4
+    ours = sum(n for p, n in ours.items() if p not in params)
+    theirs = sum(n for p, n in theirs.items() if p not in params)
+    assert ours <= theirs - 5 * token, "the second 4C hidden tensor and the normalised copy are not kept"

@@ -10,6 +10,12 @@ before the swap still holds the parameters the model trains. Variants it does no
 layers, an activation outside :data:`pykernels.ops.mlp.ACTS`, other layer types - are refused with the reasons
 (:func:`unsupported_reasons`). Dropout with p > 0 is computed by the original layers in training mode (the fused path
 has no dropout; in eval dropout is the identity and the fused path runs).
+
+Inside a pre-norm block whose forward is known to be ``x + ... mlp(norm(x))`` (timm's ViT ``Block``, torchvision's
+``EncoderBlock``, Hugging Face's ``ViTLayer`` / ``Dinov2Layer``), ``pykernels.swap`` also hands the LayerNorm to the
+FusedMlp (:func:`adopt_prenorm`): the block's norm becomes a :class:`MlpPreNorm` - the same parameters under the same
+name, an identity forward - and the FusedMlp normalises inside its fused op, so training saves the LayerNorm's input
+alone (eager keeps it and the normalised copy fc1 reads).
 """
 
 from __future__ import annotations
@@ -22,7 +28,16 @@ from torch import nn
 from pykernels import functional as PF
 from pykernels.ops import mlp as _mlp_ops
 
-__all__ = ["FusedMlp", "act_name", "can_convert", "is_candidate", "unsupported_reasons"]
+__all__ = [
+    "FusedMlp",
+    "MlpPreNorm",
+    "act_name",
+    "adopt_prenorm",
+    "can_convert",
+    "is_candidate",
+    "prenorm_name",
+    "unsupported_reasons",
+]
 
 
 def act_name(act: nn.Module) -> str | None:
@@ -208,6 +223,12 @@ class FusedMlp(nn.Module):
         self._fc1, self._act, self._fc2 = layout["fc1"], layout["act"], layout["fc2"]
         self.act_name = act
         self.use_conv = use_conv
+        self.set_prenorm(None)
+
+    def set_prenorm(self, norm: MlpPreNorm | None) -> None:
+        """Normalise the input with ``norm`` (a block's :class:`MlpPreNorm`, owned - and saved in the state_dict -
+        by the block) before fc1, inside the fused op; None: no norm. See :func:`adopt_prenorm`."""
+        object.__setattr__(self, "_prenorm", norm)  # a reference, not a submodule: the block owns it
 
     @property
     def fc1_layer(self) -> nn.Module:
@@ -227,11 +248,26 @@ class FusedMlp(nn.Module):
         Returns:
             ``(..., N)`` (``(B, N, H, W)``, channels-last in memory, with ``use_conv``).
         """
+        norm = self._prenorm
         if self._dropout_in_training():
+            if norm is not None:
+                x = nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             for module in self._modules.values():  # the original's forward: its children in order
                 x = module(x)
             return x
         fc1, fc2 = self.fc1_layer, self.fc2_layer
+        if norm is not None:
+            return PF.mlp(
+                x,
+                fc1.weight,
+                fc1.bias,
+                fc2.weight,
+                fc2.bias,
+                self.act_name,
+                ln_weight=norm.weight,
+                ln_bias=norm.bias,
+                ln_eps=norm.eps,
+            )
         if self.use_conv:
             if x.dim() != 4:
                 raise ValueError(f"FusedMlp(use_conv=True) expects x of shape (B, C, H, W), got {tuple(x.shape)}")
@@ -241,6 +277,8 @@ class FusedMlp(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"act={self.act_name!r}"]
+        if self._prenorm is not None:
+            parts.append("prenorm=True")
         if self.use_conv:
             parts.append("use_conv=True")
         if self._source != "timm":
@@ -299,3 +337,67 @@ _ACT_MODULES = {
     "silu": nn.SiLU,
     "none": nn.Identity,
 }
+
+
+class MlpPreNorm(nn.LayerNorm):
+    """A block's LayerNorm that the following :class:`FusedMlp` computes inside its fused op (see
+    :func:`adopt_prenorm`): the original's parameters (the same ``nn.Parameter`` objects, under the same name, so the
+    state_dict and an existing optimizer are unchanged), and an identity forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return x
+
+    @classmethod
+    def wrap(cls, norm: nn.LayerNorm) -> MlpPreNorm:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape = tuple(norm.normalized_shape)
+        new.eps = norm.eps
+        new.elementwise_affine = norm.elementwise_affine
+        new.weight = norm.weight
+        new.bias = norm.bias
+        new.train(norm.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", computed by the following FusedMlp"
+
+
+# (module, class) of blocks whose forward is x + ... mlp(norm(x)), with the name of that norm
+_PRENORM_BLOCKS = {
+    ("timm.models.vision_transformer", "Block"): "norm2",
+    ("torchvision.models.vision_transformer", "EncoderBlock"): "ln_2",
+    ("transformers.models.vit.modeling_vit", "ViTLayer"): "layernorm_after",
+    ("transformers.models.dinov2.modeling_dinov2", "Dinov2Layer"): "norm2",
+}
+_PLAIN_LAYER_NORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
+
+
+def prenorm_name(block: nn.Module, mlp_name: str, mlp: nn.Module) -> str | None:
+    """The name of ``block``'s norm that :func:`adopt_prenorm` would move into ``mlp`` (the FusedMlp standing in for
+    ``block.<mlp_name>``), or None."""
+    norm_name = _PRENORM_BLOCKS.get((type(block).__module__, type(block).__name__))
+    if norm_name is None or mlp_name != "mlp" or not isinstance(mlp, FusedMlp) or mlp.use_conv:
+        return None
+    if mlp._prenorm is not None:
+        return None
+    norm = getattr(block, norm_name, None)
+    if f"{type(norm).__module__}.{type(norm).__name__}" not in _PLAIN_LAYER_NORMS:
+        return None
+    if tuple(norm.normalized_shape) != (mlp.fc1_layer.weight.shape[1],):
+        return None
+    return norm_name
+
+
+def adopt_prenorm(block: nn.Module, mlp_name: str, mlp: nn.Module) -> str | None:
+    """If ``block`` is a pre-norm block of a known class whose forward feeds ``norm(x)`` to its ``mlp`` - now the
+    FusedMlp ``mlp`` - and nothing else, move the norm into the FusedMlp: ``block.<norm>`` becomes a
+    :class:`MlpPreNorm` (same parameters, identity forward) that ``mlp`` applies inside its fused op. Returns the
+    norm's name, or None when nothing was changed (another block, another norm, a conv MLP)."""
+    norm_name = prenorm_name(block, mlp_name, mlp)
+    if norm_name is None or getattr(block, mlp_name, None) is not mlp:
+        return None
+    deferred = MlpPreNorm.wrap(getattr(block, norm_name))
+    setattr(block, norm_name, deferred)
+    mlp.set_prenorm(deferred)
+    return norm_name

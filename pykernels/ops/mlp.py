@@ -15,9 +15,11 @@ Three paths, chosen per call:
   (B,) DropPath scale; backward recomputes ``act(h)``. Eager PyTorch keeps the 4C-wide hidden tensor twice (the
   activation's input and fc2's input) plus fc2's output for the layer-scale's gradient; here the gamma gradient comes
   from fc2's weight gradient instead: ``dL/dgamma_n = sum_k G_nk W2_nk + b2_n sum_m g_mn`` with ``G = g^T act(h)``,
-  the product backward computes anyway. Each GEMM (forward + its backward) runs on BLAS (``aten``) or on oneDNN's
-  1x1 convolution of a channels-last view (``conv``), chosen per shape by timing (:func:`pykernels.gemm.
-  train_provider`).
+  the product backward computes anyway. With a pre-norm (``norm``: a ViT block's ``norm2``, taken in by
+  :class:`pykernels.FusedMlp` when swapped into a known block) x is the LayerNorm's input: the normalised copy is not
+  kept (eager keeps both, the LayerNorm's input and fc1's) but recomputed in backward. Each GEMM (forward + its
+  backward) runs on BLAS (``aten``) or on oneDNN's 1x1 convolution of a channels-last view (``conv``), chosen per
+  shape by timing (:func:`pykernels.gemm.train_provider`).
 * **reference** (:func:`pykernels.reference.mlp`: plain ATen ops): under ``torch.compile`` (inductor fuses the
   epilogue and its partitioner decides what to save and recompute), under autocast, and when the tensors do not
   share one dtype and device.
@@ -61,7 +63,7 @@ def _as_matrix(name: str, w: torch.Tensor) -> tuple[int, int]:
     )
 
 
-def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut) -> None:
+def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, norm=None) -> None:
     """Raise TypeError / ValueError, saying what is supported, unless the arguments are an MLP call mlp computes."""
     for name, t in (("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
         if not isinstance(t, torch.Tensor):
@@ -76,8 +78,24 @@ def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortc
         raise ValueError(f"x has {x.shape[-1]} features (last dim) but fc1_weight takes {in_features}")
     if hidden2 != hidden:
         raise ValueError(f"fc1 gives {hidden} features but fc2_weight takes {hidden2}")
-    expected = {"fc1_bias": (hidden,), "fc2_bias": (out_features,), "gamma": (out_features,)}
-    for name, t in (("fc1_bias", fc1_bias), ("fc2_bias", fc2_bias), ("gamma", gamma), ("shortcut", shortcut)):
+    ln_weight, ln_bias, ln_eps = norm if norm is not None else (None, None, 0.0)
+    if not float(ln_eps) >= 0.0:
+        raise ValueError(f"ln_eps must be >= 0, got {ln_eps}")
+    expected = {
+        "fc1_bias": (hidden,),
+        "fc2_bias": (out_features,),
+        "gamma": (out_features,),
+        "ln_weight": (in_features,),
+        "ln_bias": (in_features,),
+    }
+    for name, t in (
+        ("fc1_bias", fc1_bias),
+        ("fc2_bias", fc2_bias),
+        ("gamma", gamma),
+        ("shortcut", shortcut),
+        ("ln_weight", ln_weight),
+        ("ln_bias", ln_bias),
+    ):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -92,6 +110,8 @@ def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortc
         ("fc2_bias", fc2_bias),
         ("gamma", gamma),
         ("shortcut", shortcut),
+        ("ln_weight", ln_weight),
+        ("ln_bias", ln_bias),
     ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
@@ -126,13 +146,15 @@ def mlp(
     gamma: torch.Tensor | None,
     shortcut: torch.Tensor | None,
     scale: torch.Tensor | None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
 ) -> torch.Tensor:
-    """``shortcut + scale[b] * (gamma * fc2(act(fc1(x))))`` (arguments as checked by :func:`check_args`; ``scale``
-    the (B,) DropPath multipliers or None) on the inference, training or reference path (see the module docstring).
-    Returns ``(..., N)``, contiguous, x's dtype."""
-    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut)
+    """``shortcut + scale[b] * (gamma * fc2(act(fc1(LayerNorm(x)))))`` (arguments as checked by :func:`check_args`;
+    ``scale`` the (B,) DropPath multipliers or None; ``norm`` (weight, bias, eps) of the LayerNorm or None) on the
+    inference, training or reference path (see the module docstring). Returns ``(..., N)``, contiguous, x's dtype."""
+    ln_weight, ln_bias, ln_eps = norm if norm is not None else (None, None, 0.0)
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut, ln_weight, ln_bias)
     if not _fused_ok(x, tensors + (scale,)):
-        return reference_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale)
+        return reference_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale, norm)
     lead = x.shape[:-1]
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
@@ -145,9 +167,23 @@ def mlp(
         scale = scale.reshape(-1)
     if _needs_grad(tensors):
         out = _MlpFunction.apply(
-            rows, fc1_weight.flatten(1), fc1_bias, fc2_weight.flatten(1), fc2_bias, gamma, short, scale, act
+            rows,
+            fc1_weight.flatten(1),
+            fc1_bias,
+            fc2_weight.flatten(1),
+            fc2_bias,
+            gamma,
+            short,
+            scale,
+            act,
+            norm is not None,
+            ln_weight,
+            ln_bias,
+            float(ln_eps),
         )
     else:
+        if norm is not None:
+            rows = torch.nn.functional.layer_norm(rows, (rows.shape[1],), ln_weight, ln_bias, ln_eps)
         out = _inference(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, short, scale)
     return out.view(*lead, out_features)
 
@@ -220,13 +256,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
 
 
 class _MlpFunction(torch.autograd.Function):
-    """``shortcut + scale[b] * (gamma * fc2(act(fc1(x))))`` on (M, K) rows; saves x, h = fc1(x), the weights and the
-    (B,) scale; backward recomputes act(h)."""
+    """``shortcut + scale[b] * (gamma * fc2(act(fc1(LN(x)))))`` on (M, K) rows; saves x, h = fc1(LN(x)), the weights,
+    the (B,) scale and the LayerNorm's (M, 1) statistics; backward recomputes LN(x) and act(h)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, gamma, shortcut, scale, act):
-        provider1 = gemm.train_provider(x, w1, b1)
-        h = gemm.train_linear(x, w1, b1, provider1)
+    def forward(ctx, x, w1, b1, w2, b2, gamma, shortcut, scale, act, has_norm, ln_weight, ln_bias, ln_eps):
+        mean = rstd = None
+        xn = x
+        if has_norm:
+            xn, mean, rstd = torch.native_layer_norm(x, [x.shape[1]], ln_weight, ln_bias, ln_eps)
+        provider1 = gemm.train_provider(xn, w1, b1)
+        h = gemm.train_linear(xn, w1, b1, provider1)
+        del xn
         a = activation(h, act) if act != "none" else h
         w2s, b2s = w2, b2
         if gamma is not None:  # gamma * (a W2^T + b2) = a (diag(gamma) W2)^T + gamma * b2
@@ -236,7 +277,9 @@ class _MlpFunction(torch.autograd.Function):
         y = gemm.train_linear(a, w2s, b2s, provider2)
         del a
         out = _epilogue_(y, shortcut, scale)
-        ctx.save_for_backward(x, h, w1, w2, b2, gamma, scale)
+        ctx.save_for_backward(x, h, w1, w2, b2, gamma, scale, mean, rstd, ln_weight, ln_bias)
+        ctx.has_norm = has_norm
+        ctx.ln_eps = ln_eps
         ctx.act = act
         ctx.providers = (provider1, provider2)
         return out
@@ -244,8 +287,10 @@ class _MlpFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, h, w1, w2, b2, gamma, scale = ctx.saved_tensors
+        x, h, w1, w2, b2, gamma, scale, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, need_gamma, need_shortcut = ctx.needs_input_grad[:7]
+        need_ln_weight, need_ln_bias = ctx.needs_input_grad[10:12]
+        need_x = need_x or need_ln_weight or need_ln_bias  # the LayerNorm's gradients come with x's
         provider1, provider2 = ctx.providers
         grad_out = grad_out.contiguous()
         grad_shortcut = grad_out if need_shortcut else None
@@ -256,7 +301,7 @@ class _MlpFunction(torch.autograd.Function):
         need_hidden = need_x or need_w1 or need_b1
         need_gw = need_w2 or need_gamma
         need_gb = need_b2 or (need_gamma and b2 is not None)
-        grad_w2 = grad_b2 = grad_gamma = grad_x = grad_w1 = grad_b1 = None
+        grad_w2 = grad_b2 = grad_gamma = grad_x = grad_w1 = grad_b1 = grad_ln_weight = grad_ln_bias = None
         if need_hidden or need_gw or need_gb:
             a = activation(h, ctx.act) if ctx.act != "none" else h
             w2s = w2 if gamma is None else w2 * gamma[:, None]
@@ -278,7 +323,36 @@ class _MlpFunction(torch.autograd.Function):
                     grad_h = grad_a
                 else:
                     grad_h = activation_backward(grad_a, h, ctx.act)
+                xn = x
+                if ctx.has_norm:  # recomputed: the same kernel on the same input gives the forward's values
+                    xn = torch.native_layer_norm(x, [x.shape[1]], ln_weight, ln_bias, ctx.ln_eps)[0]
                 grad_x, grad_w1, grad_b1 = gemm.train_linear_backward(
-                    grad_h, x, w1, need_x, need_w1, need_b1, provider1
+                    grad_h, xn, w1, need_x, need_w1, need_b1, provider1
                 )
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma, grad_shortcut, None, None
+                del xn
+                if ctx.has_norm and grad_x is not None:
+                    grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
+                        grad_x,
+                        x,
+                        [x.shape[1]],
+                        mean,
+                        rstd,
+                        ln_weight,
+                        ln_bias,
+                        [ctx.needs_input_grad[0], need_ln_weight, need_ln_bias],
+                    )
+        return (
+            grad_x,
+            grad_w1,
+            grad_b1,
+            grad_w2,
+            grad_b2,
+            grad_gamma,
+            grad_shortcut,
+            None,
+            None,
+            None,
+            grad_ln_weight,
+            grad_ln_bias,
+            None,
+        )

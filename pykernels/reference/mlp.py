@@ -54,8 +54,10 @@ def mlp(
     gamma: torch.Tensor | None = None,
     shortcut: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor | None, float] | None = None,
 ) -> torch.Tensor:
-    """``shortcut + scale[b] * (gamma * fc2(act(fc1(x))))`` as timm computes it (``(y * gamma) * mask``, then the add).
+    """``shortcut + scale[b] * (gamma * fc2(act(fc1(LayerNorm(x)))))`` as timm computes it (``(y * gamma) * mask``,
+    then the add; the LayerNorm only with ``norm``).
 
     Args:
         x: ``(..., K)``.
@@ -65,10 +67,14 @@ def mlp(
         gamma: ``(N,)`` layer-scale or None.
         shortcut: ``(..., N)`` residual or None.
         scale: ``(B,)`` per-sample DropPath multipliers (B = x.shape[0]) or None.
+        norm: ``(weight (K,) or None, bias (K,) or None, eps)`` of a LayerNorm over x's last dim applied first (the
+            pre-norm of ViT blocks), or None.
 
     Returns:
         ``(..., N)``.
     """
+    if norm is not None:
+        x = F.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
     y = F.linear(activation(F.linear(x, fc1_weight.flatten(1), fc1_bias), act), fc2_weight.flatten(1), fc2_bias)
     if gamma is not None:
         y = y * gamma

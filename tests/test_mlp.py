@@ -728,3 +728,29 @@ def test_pre_norm_saves_one_tensor_less():
     ours = sum(n for p, n in ours.items() if p not in params)
     theirs = sum(n for p, n in theirs.items() if p not in params)
     assert ours <= theirs - 5 * token, "the second 4C hidden tensor and the normalised copy are not kept"
+
+
+# ---- 7. CUDA (runs where a GPU is present) ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_cuda_matches_float64(act):
+    """cuBLASLt's GELU-tanh / ReLU epilogue (torch._addmm_activation) and plain ATen in inference, the fused autograd
+    node in training (TF32 off)."""
+    case = make_case((4, 33, 48), 96, 40, True, True, True, seed=6)
+    cuda = {n: t.detach().cuda().requires_grad_() for n, t in case.items()}
+    grad = torch.randn(4, 33, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            fast = PF.mlp(*(cuda[n] for n in ORDER[:5]), act, gamma=cuda["gamma"], shortcut=cuda["shortcut"])
+        got, grads = run(cuda, act, PF.mlp, grad.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    want, want_grads = oracle(case, act, grad)
+    assert_close_scaled(fast.cpu(), want, 1e-5, "inference")
+    assert_close_scaled(got.cpu(), want, 1e-5, "training")
+    for name, g in grads.items():
+        assert_close_scaled(g.cpu(), want_grads[name], 1e-5, f"grad {name}")

@@ -171,14 +171,22 @@ def choices() -> dict[tuple, str]:
 # ---- act((z * s[b, k]) @ W^T + b): a per-sample input scale (the SE gate before MBConv's projection) -----------------
 
 
-def _scale_then_gemm(z, s, weight, bias, act, packed):
+def _scale_then_gemm(z, s, weight, bias, act, packed, other=None):
     z.mul_(s[:, None, :])  # one pass over z (the caller's temporary)
-    return linear_act(z.view(-1, z.shape[2]), weight, bias, act, packed).view(z.shape[0], z.shape[1], -1)
+    flat = z.view(-1, z.shape[2])
+    if other is None:
+        y = linear_act(flat, weight, bias, act, packed)
+    else:
+        y = linear_add(flat, weight, bias, other.reshape(flat.shape[0], -1), packed)
+    return y.view(z.shape[0], z.shape[1], -1)
 
 
-def _per_sample_weights(z, s, weight, bias, act, packed):
+def _per_sample_weights(z, s, weight, bias, act, packed, other=None):
     # W diag(s_b) per sample: no pass over z, B GEMMs in one baddbmm
     scaled = weight[None, :, :] * s[:, None, :]  # (B, N, K)
+    if other is not None:  # the residual as baddbmm's addend, then the bias in place
+        out = torch.baddbmm(other, z, scaled.transpose(1, 2))
+        return out if bias is None else out.add_(bias)
     out = (
         torch.baddbmm(bias[None, None, :], z, scaled.transpose(1, 2))
         if bias is not None
@@ -197,22 +205,27 @@ def scaled_linear_act(
     bias: torch.Tensor | None,
     act: str,
     packed: torch.Tensor | None = None,
+    other: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act((z * s[:, None, :]) @ weight^T + bias)`` for ``z`` (B, M, K) contiguous (inference only; ``z`` may be
     overwritten), ``s`` (B, K): either one pass scaling z then one GEMM, or W diag(s_b) per sample in one batched
-    GEMM - whichever was faster for this shape (measured at its first call, as :func:`linear_act`)."""
+    GEMM - whichever was faster for this shape (measured at its first call, as :func:`linear_act`). With ``other``
+    (B, M, N) contiguous and ``act == "none"``: ``other + (z * s) @ weight^T + bias``, the residual add in the GEMM's
+    epilogue (MBConv's skip connection)."""
+    if other is not None and act != "none":
+        raise ValueError(f"scaled_linear_act: a residual 'other' needs act='none', got {act!r}")
     if z.device.type != "cpu" or torch.compiler.is_compiling():
-        return _per_sample_weights(z, s, weight, bias, act, packed)
-    key = ("scaled", *z.shape, weight.shape[0], act, z.dtype, torch.get_num_threads())
+        return _per_sample_weights(z, s, weight, bias, act, packed, other)
+    key = ("scaled", *z.shape, weight.shape[0], act, other is not None, z.dtype, torch.get_num_threads())
     provider = _CHOICES.get(key)
     if provider is None:
         timings = {}
         for name, run in _SCALED.items():
             trial = z.clone()
-            run(trial, s, weight, bias, act, packed)  # warm-up (and the inner GEMM's own provider choice)
-            timings[name] = _time(lambda run=run: run(z.clone(), s, weight, bias, act, packed))
+            run(trial, s, weight, bias, act, packed, other)  # warm-up (and the inner GEMM's own provider choice)
+            timings[name] = _time(lambda run=run: run(z.clone(), s, weight, bias, act, packed, other))
         provider = _CHOICES[key] = min(timings, key=timings.get)
-    return _SCALED[provider](z, s, weight, bias, act, packed)
+    return _SCALED[provider](z, s, weight, bias, act, packed, other)
 
 
 # ---- other + x W^T + b: a GEMM with the residual add as its epilogue -------------------------------------------------

@@ -51,3 +51,23 @@ def test_scaled_linear_matches_scaling_first(act):
         torch.testing.assert_close(run(z.clone(), s, w, b, act, None).double(), want, rtol=1e-5, atol=1e-5, msg=name)
     torch.testing.assert_close(gemm.scaled_linear_act(z.clone(), s, w, b, act).double(), want, rtol=1e-5, atol=1e-5)
     assert any(k[0] == "scaled" and k[1:4] == (4, 50, 32) for k in gemm.choices())
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_scaled_linear_with_residual(bias):
+    """``other + (z * s) W^T + b`` (MBConv's projection with the skip connection in the GEMM's epilogue) on both
+    scaled forms and through the chooser; ``other`` is left as it was; an activation with a residual is refused."""
+    torch.manual_seed(1)
+    z, s = torch.randn(3, 20, 16), torch.rand(3, 16)
+    w, b = torch.randn(16, 16) * 0.2, (torch.randn(16) if bias else None)
+    other = torch.randn(3, 20, 16)
+    kept = other.clone()
+    want = other.double() + F.linear((z * s[:, None, :]).double(), w.double(), None if b is None else b.double())
+    for name, run in gemm._SCALED.items():
+        got = run(z.clone(), s, w, b, "none", None, other)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+    got = gemm.scaled_linear_act(z.clone(), s, w, b, "none", gemm.prepack(w, 60), other)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(other, kept)
+    with pytest.raises(ValueError, match="act='none'"):
+        gemm.scaled_linear_act(z.clone(), s, w, b, "silu", None, other)

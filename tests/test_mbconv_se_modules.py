@@ -441,6 +441,19 @@ REFUSED = {
     ),
     "groupnorm": (lambda: _timm_ir(norm_layer=lambda c, **kw: nn.GroupNorm(4, c)), "norm"),
     "kernel_9": (lambda: timm.models._efficientnet_blocks.InvertedResidual(16, 16, 9, exp_ratio=4), "kernel size 9"),
+    # timm.layers.SEModule shares its class name with the seeds' SEModule (ReLU, sigmoid): its own act / gate are read
+    "timm_se_module_maxpool": (
+        lambda: _timm_ir(se_layer=lambda c, **kw: timm.layers.SEModule(c, add_maxpool=True, **kw)),
+        "max-pool",
+    ),
+    "timm_se_module_bn": (
+        lambda: _timm_ir(se_layer=lambda c, **kw: timm.layers.SEModule(c, norm_layer=nn.BatchNorm2d, **kw)),
+        "BatchNorm2d inside the SE layer",
+    ),
+    "timm_se_module_gelu": (
+        lambda: _timm_ir(se_layer=lambda c, **kw: timm.layers.SEModule(c, act_layer=nn.GELU)),
+        "SE activation GELU",
+    ),
 }
 
 
@@ -489,3 +502,34 @@ def test_constructor_errors():
         FusedMBConvSE(8, 8, act="gelu")
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 8, H, W\)"):
         FusedMBConvSE(8, 8)(torch.randn(1, 9, 4, 4))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dropping", [False, True], ids=["eval", "train_mode_frozen_bn_drop_path"])
+def test_skip_connection_in_the_projection_epilogue(layout, dropping):
+    """Without autograd and with every BatchNorm on running statistics, the residual add runs as the projection
+    GEMM's epilogue - unless the block is in training mode with an active DropPath (BatchNorms frozen, no_grad), where
+    the sample mask must still be drawn and applied as timm draws it. Both against timm's block; the input is left
+    untouched. The SE layer is timm.layers' SEModule with the block's SiLU (it was once read as the seeds' ReLU one)."""
+    torch.manual_seed(0)
+    original = _timm_ir(se_layer=timm.layers.SEModule, drop_path_rate=0.5)
+    _randomize_bn(original)
+    block = FusedMBConvSE.from_module(copy.deepcopy(original))
+    for m in (original, block):
+        m.train(dropping)
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.eval()
+    x = torch.randn(4, 16, 9, 11)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    kept = x.clone()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = original(x)
+        torch.manual_seed(5)
+        got = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(x, kept)
+    if dropping:  # some sample was dropped: its output is its input
+        assert any(torch.equal(got[i], x[i]) for i in range(4))

@@ -162,20 +162,33 @@ def _se_parts(m: nn.Module):
         parts = (m.fc1, m.fc2, _act_name(m.activation), _gate_name(m.scale_activation))
     elif name == "EfficientNetSqueezeExciteLayer":  # Hugging Face
         parts = (m.reduce, m.expand, _act_name(m.act_reduce), _gate_name(m.act_expand))
-    elif name == "SEModule" and hasattr(m, "fc1") and hasattr(m, "fc2"):  # the seeds: relu, sigmoid
+    elif name == "SEModule" and {n for n, _ in m.named_children()} == {"fc1", "fc2"}:  # the seeds: relu, sigmoid
         parts = (m.fc1, m.fc2, "relu", "sigmoid")
+    elif name == "SEModule" and all(hasattr(m, a) for a in ("fc1", "bn", "act", "fc2", "gate")):  # timm.layers
+        parts = (m.fc1, m.fc2, _act_name(m.act), _gate_name(m.gate))
+        problems = []
+        if getattr(m, "add_maxpool", False):
+            problems.append("the SE squeeze adds a max-pool (timm SEModule add_maxpool=True)")
+        if not isinstance(m.bn, nn.Identity):
+            problems.append(f"a {type(m.bn).__name__} inside the SE layer")
+        return parts, problems + _se_part_problems(m, parts)
     else:
         return None, []
+    return parts, _se_part_problems(m, parts)
+
+
+def _se_part_problems(m: nn.Module, parts) -> list[str]:
     problems = []
     reduce, expand, act, gate = parts
     for label, conv in (("reduce", reduce), ("expand", expand)):
         if type(conv) is not nn.Conv2d or tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
             problems.append(f"the SE {label} layer is not a plain 1x1 nn.Conv2d")
     if act is None:
-        problems.append(f"SE activation {type(getattr(m, 'act1', getattr(m, 'activation', None))).__name__}")
+        layer = next((getattr(m, a) for a in ("act1", "activation", "act", "act_reduce") if hasattr(m, a)), None)
+        problems.append(f"SE activation {type(layer).__name__}")
     if gate is None:
         problems.append("SE gate is neither sigmoid nor hard-sigmoid")
-    return parts, problems
+    return problems
 
 
 # ---- padding rules -------------------------------------------------------------------------------------------------
@@ -889,19 +902,21 @@ class FusedMBConvSE(nn.Module):
             reduce, expand = _se_modules(se)
             mean = pooled / (z.shape[2] * z.shape[3])
             scale = _se_scale(mean, reduce, expand, *lay.se).to(z.dtype)
+        dropout, drop = self._part("dropout"), self._part("drop_path")
+        # eval: the residual add as the projection GEMM's epilogue when nothing is dropped
+        fuse_skip = fast and lay.has_skip and proj_conv is not None and lay.proj_act == "none"
+        fuse_skip = fuse_skip and not _drops(dropout) and not _drops(drop)
         if proj_conv is not None:
-            y = self._project(z, scale, proj_conv, proj_bn, lay.proj_act, fast)
+            y = self._project(z, scale, proj_conv, proj_bn, lay.proj_act, fast, shortcut if fuse_skip else None)
         else:
             y = z if scale is None else z * scale[:, :, None, None]
         # 4. residual (+ DropPath / Hugging Face's element-wise dropout)
-        if not lay.has_skip:
+        if not lay.has_skip or fuse_skip:
             return y
-        dropout = self._part("dropout")
         if dropout is not None:  # Hugging Face: element-wise dropout, its mask drawn in NCHW order as HF draws it
             if dropout.training and dropout.p > 0:
                 y = dropout(y.contiguous())
             return PF.drop_path_add(shortcut, y, 0.0, training=False, backend=self.backend)
-        drop = self._part("drop_path")
         if drop is None or isinstance(drop, nn.Identity):
             return PF.drop_path_add(shortcut, y, 0.0, training=False, backend=self.backend)
         p, mode, rng, scale_by_keep = _drop_path_args(drop)
@@ -1004,17 +1019,25 @@ class FusedMBConvSE(nn.Module):
             backend=self.backend,
         )
 
-    def _project(self, z, scale, conv, bn, act, fast):
+    def _project(self, z, scale, conv, bn, act, fast, residual=None):
+        """BN(conv1x1(z * scale)) (+ act), as (B, C, H, W) channels-last; in eval with ``residual`` (the block's
+        input, act "none"), ``residual +`` that, the add in the GEMM's epilogue."""
         rows = z.permute(0, 2, 3, 1)  # (B, H, W, C): free for our channels-last z
         if fast:
             batch, height, width, _ = rows.shape
             weight, bias, packed = self._folded_weights("proj", conv, bn, batch * height * width)
+            other = None
+            if residual is not None:  # (B, H*W, C_out) rows: a view for a channels-last residual, else one copy
+                other = residual.permute(0, 2, 3, 1).contiguous().view(batch, height * width, -1)
             if scale is None:
                 flat = rows.reshape(batch * height * width, rows.shape[3])
-                y = gemm.linear_act(flat, weight, bias, act, packed)
+                if other is None:
+                    y = gemm.linear_act(flat, weight, bias, act, packed)
+                else:
+                    y = gemm.linear_add(flat, weight, bias, other.view(flat.shape[0], -1), packed)
             else:  # z is this block's own temporary here: the SE scale may be applied to it in place
                 flat = rows.reshape(batch, height * width, rows.shape[3])
-                y = gemm.scaled_linear_act(flat, scale, weight, bias, act, packed)
+                y = gemm.scaled_linear_act(flat, scale, weight, bias, act, packed, other)
             return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
         weight = conv.weight.flatten(1)
         if scale is not None:
@@ -1025,6 +1048,15 @@ class FusedMBConvSE(nn.Module):
         if conv.bias is not None:
             y = y + conv.bias
         return _activation(self._batch_norm(y.permute(0, 3, 1, 2), bn), act)
+
+
+def _drops(layer: nn.Module | None) -> bool:
+    """Whether a DropPath / StochasticDepth / Dropout layer drops anything in its current mode."""
+    if layer is None or isinstance(layer, nn.Identity) or not layer.training:
+        return False
+    if isinstance(layer, nn.Dropout):
+        return layer.p > 0
+    return _drop_path_args(layer)[0] > 0
 
 
 def _drop_path_args(drop: nn.Module) -> tuple[float, str, str, bool]:

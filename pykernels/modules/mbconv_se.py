@@ -677,27 +677,52 @@ def _fused_activation_backward(grad: torch.Tensor, y: torch.Tensor, act: str) ->
     return grad * _activation_grad(y, act)
 
 
+class _Linear(torch.autograd.Function):
+    """``x @ weight^T + bias`` for (M, K) rows in training, forward and backward on the GEMM provider measured
+    fastest for the shape (:func:`pykernels.gemm.train_provider`: BLAS ``addmm`` or oneDNN's 1x1 convolution)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.contiguous()
+        ctx.provider = gemm.train_provider(x, weight, bias)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return gemm.train_linear(x, weight, bias, ctx.provider)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return gemm.train_linear_backward(grad, x, weight, need[0], need[1], ctx.has_bias and need[2], ctx.provider)
+
+
 class _ScaledProjection(torch.autograd.Function):
     """``linear(z * s[b, c], weight)`` over a (B, N, C) channels-last z: saves z and s (not the scaled product, which
-    backward recomputes), so training keeps one expanded tensor fewer than eager's ``project(se(x))``."""
+    backward recomputes), so training keeps one expanded tensor fewer than eager's ``project(se(x))``. The GEMMs run
+    on the training provider measured fastest for the shape, as :class:`_Linear`."""
 
     @staticmethod
     def forward(ctx, z, s, weight):
         ctx.save_for_backward(z, s, weight)
-        return TF.linear(z * s[:, None, :], weight)
+        zs = (z * s[:, None, :]).flatten(0, 1)
+        ctx.provider = gemm.train_provider(zs, weight, None)
+        return gemm.train_linear(zs, weight, None, ctx.provider).view(z.shape[0], z.shape[1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         z, s, weight = ctx.saved_tensors
-        grad_zs = TF.linear(grad, weight.t())  # (B, N, C)
-        grad_z = grad_s = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_z = grad_zs * s[:, None, :]
-        if ctx.needs_input_grad[1]:
-            grad_s = (grad_zs * z).sum(1)
-        if ctx.needs_input_grad[2]:
-            zs = (z * s[:, None, :]).flatten(0, 1)
-            grad_w = grad.flatten(0, 1).t().mm(zs)
+        need_z, need_s, need_w = ctx.needs_input_grad[:3]
+        zs = (z * s[:, None, :]).flatten(0, 1) if need_w else z.flatten(0, 1)  # recomputed, not saved
+        grad_zs, grad_w, _ = gemm.train_linear_backward(
+            grad.flatten(0, 1), zs, weight, need_z or need_s, need_w, False, ctx.provider
+        )
+        grad_z = grad_s = None
+        if grad_zs is not None:
+            grad_zs = grad_zs.view(z.shape)
+            if need_z:
+                grad_z = grad_zs * s[:, None, :]
+            if need_s:
+                grad_s = (grad_zs * z).sum(1)
         return grad_z, grad_s, grad_w
 
 
@@ -957,8 +982,10 @@ class FusedMBConvSE(nn.Module):
             weight, bias, packed = self._folded_weights(key, conv, bn, flat.shape[0])
             y = gemm.linear_act(flat, weight, bias, act, packed)
             return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
-        y = TF.linear(rows, conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
-        return self._batch_norm_act(y, bn, act)
+        batch, height, width, _ = rows.shape
+        flat = rows.reshape(batch * height * width, rows.shape[3])
+        y = _Linear.apply(flat, conv.weight.flatten(1), conv.bias)
+        return self._batch_norm_act(y.view(batch, height, width, -1).permute(0, 3, 1, 2), bn, act)
 
     def _regular_conv_bn(self, x, conv, bn, act, fast):
         lay = self._layout
@@ -1043,10 +1070,11 @@ class FusedMBConvSE(nn.Module):
         if scale is not None:
             flat = rows.reshape(rows.shape[0], -1, rows.shape[3])
             y = _ScaledProjection.apply(flat, scale, weight).view(*rows.shape[:3], weight.shape[0])
+            if conv.bias is not None:
+                y = y + conv.bias
         else:
-            y = TF.linear(rows, weight)
-        if conv.bias is not None:
-            y = y + conv.bias
+            flat = rows.reshape(-1, rows.shape[3])
+            y = _Linear.apply(flat, weight, conv.bias).view(*rows.shape[:3], weight.shape[0])
         return _activation(self._batch_norm(y.permute(0, 3, 1, 2), bn), act)
 
 

@@ -5,12 +5,17 @@ Usage::
     python -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.raw.json
     python bench/report.py bench/results/latest.raw.json [--out-dir bench/results] [--name SLUG]
 
+``pytest --benchmark-only`` runs this at the end of the session already (``bench/conftest.py``). The input may
+also be a report's own JSON (``bench/results/<slug>.json``): its markdown and plot are drawn again from it.
+
 Generic over ops: benchmarks are grouped by their pytest-benchmark group (``op[case]``, set by
 ``bench/conftest.py``), and within a group by ``extra_info["provider"]``. Per case the report gives each provider's
 median and min time, GB/s (from ``extra_info["ideal_bytes"]``) or TFLOP/s (from ``extra_info["flops"]``), the bytes
 saved for backward, and its speed relative to the ``eager`` and ``compile-eager`` providers of the same run
 (``baseline median / provider median``; > 1 is faster). Case-level facts (shape, layout, dtype, ...) are the
-``extra_info`` entries that all providers of the case share. The PNG plots speedup vs eager per case.
+``extra_info`` entries that all providers of the case share. The PNG has one small panel per op and per whole
+model (``op == "model"``): speed-up vs eager per case, providers as grouped bars, ``torch.compile`` of the eager
+version (and with freezing) as lines across each case's bars.
 
 Needs only the standard library and matplotlib (no torch).
 """
@@ -27,7 +32,15 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("eager", "compile-eager")
-PROVIDER_ORDER = ("eager", "eager-explicit", "nn-mha", "pykernels", "compile-eager", "compile-pykernels")
+PROVIDER_ORDER = (
+    "eager",
+    "eager-explicit",
+    "nn-mha",
+    "pykernels",
+    "compile-eager",
+    "compile-eager-freezing",
+    "compile-pykernels",
+)
 # extra_info keys that are per provider (shown in the table) or bookkeeping, never in a case's description
 _NOT_CASE_INFO = {
     "device",
@@ -254,41 +267,137 @@ def render_markdown(summary: dict, report_command: str, png_name: str | None) ->
     return "\n".join(lines)
 
 
+MAX_CASES_PER_PANEL = 6
+MAX_PANELS_PER_ROW = 5
+REFERENCES = {"compile-eager": "-", "compile-eager-freezing": ":"}  # drawn as lines across a case's bars
+_COLORS = {
+    "pykernels": "tab:blue",
+    "compile-pykernels": "tab:orange",
+    "eager-explicit": "tab:green",
+    "nn-mha": "tab:purple",
+}
+
+
+def _wrap(label: str, width: int = 12) -> str:
+    """Break a case name at '-' into lines of about ``width`` characters (x tick labels of a small panel)."""
+    lines: list[str] = []
+    for part in label.split("-"):
+        if lines and len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += "-" + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def panels(summary: dict) -> dict[str, list[tuple[str, dict]]]:
+    """The plot's panels: title -> [(x label, case)], one per op and one per model (``op == "model"``); an op with
+    more than MAX_CASES_PER_PANEL cases is split by the last part of its case names (e.g. fwd / fwd_bwd)."""
+    result: dict[str, list[tuple[str, dict]]] = {}
+    for group, case in summary["cases"].items():
+        if "eager" not in case["providers"]:
+            continue
+        op, _, name = group.partition("[")
+        name = name.removesuffix("]")
+        if op == "model":
+            model = case["info"].get("model") or name.rsplit("-b", 1)[0]
+            batch, _, mode = name.removeprefix(f"{model}-").partition("-")
+            title = case["info"].get("model_name") or model
+            label = f"{mode.replace('_step', '')} {batch}"
+        else:
+            title, label = op, name
+        result.setdefault(title, []).append((label, case))
+    split: dict[str, list[tuple[str, dict]]] = {}
+    for title, entries in result.items():
+        modes = {label.rsplit("-", 1)[-1] for label, _ in entries}
+        if len(entries) <= MAX_CASES_PER_PANEL or len(modes) < 2 or any("-" not in label for label, _ in entries):
+            split[title] = entries
+            continue
+        for label, case in entries:
+            base, mode = label.rsplit("-", 1)
+            split.setdefault(f"{title} ({mode})", []).append((base, case))
+    return split
+
+
 def plot(summary: dict, path: Path) -> bool:
-    """Grouped bars: speedup vs eager per case and provider. False when there is nothing to plot."""
+    """One small panel per op and per model: speed-up vs eager per case (x), the providers as grouped bars,
+    ``torch.compile`` of the eager version as a line across each case's bars. False when there is nothing to plot."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    cases = {g: c for g, c in summary["cases"].items() if "eager" in c["providers"]}
-    if not cases:
+    grid = panels(summary)
+    if not grid:
         return False
-    providers: list[str] = []
-    for case in cases.values():
-        providers += [p for p in case["providers"] if p not in providers]
-    width = 0.8 / len(providers)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 2.2 * len(cases)), 4.5))
-    for i, provider in enumerate(providers):
-        xs, ys = [], []
-        for x, case in enumerate(cases.values()):
-            ratio = case["providers"].get(provider, {}).get("vs_eager")
-            if ratio is not None:
-                xs.append(x - 0.4 + width * (i + 0.5))
-                ys.append(ratio)
-        bars = ax.bar(xs, ys, width, label=provider)
-        ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
-    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(cases)), [g.replace("[", "\n[") for g in cases], fontsize=8)
-    ax.set_ylabel("speedup vs eager (×, higher is faster)")
+    bar_providers: list[str] = []
+    refs: list[str] = []
+    for entries in grid.values():
+        for _, case in entries:
+            for name in case["providers"]:
+                target = refs if name in REFERENCES else bar_providers
+                if name != "eager" and name not in target:
+                    target.append(name)
+    palette = iter(c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c not in _COLORS.values())
+    colors = {name: _COLORS.get(name) or next(palette, "tab:gray") for name in bar_providers}
+
+    ncols = min(MAX_PANELS_PER_ROW, len(grid))
+    nrows = math.ceil(len(grid) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.5 * ncols, 2.9 * nrows + 0.6), squeeze=False)
+    for ax, (title, entries) in zip(axes.flat, grid.items()):
+        present = [p for p in bar_providers if any(p in case["providers"] for _, case in entries)]
+        width = 0.8 / max(1, len(present))
+        top = 1.0
+        for x, (_, case) in enumerate(entries):  # each case's bars centred on it (a case may lack a provider)
+            here = [(p, case["providers"][p]["vs_eager"]) for p in present if p in case["providers"]]
+            here = [(p, ratio) for p, ratio in here if ratio is not None]
+            for i, (provider, ratio) in enumerate(here):
+                bars = ax.bar(x + width * (i - (len(here) - 1) / 2), ratio, width, color=colors[provider])
+                for text in ax.bar_label(bars, labels=[f"{ratio:.2f}"], fontsize=6, padding=1, rotation=90):
+                    text.set_bbox({"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.2})
+                    text.set_zorder(4)
+                top = max(top, ratio)
+        for provider, style in REFERENCES.items():
+            for x, (_, case) in enumerate(entries):
+                ratio = case["providers"].get(provider, {}).get("vs_eager")
+                if ratio is not None:
+                    ax.hlines(ratio, x - 0.45, x + 0.45, colors="black", linestyles=style, linewidth=1.4)
+                    top = max(top, ratio)
+        ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(entries)), [_wrap(label) for label, _ in entries], fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_xlim(-0.5, len(entries) - 0.5)
+        ax.set_ylim(0, top * 1.25)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", linewidth=0.3, alpha=0.5)
+    for ax in axes.flat[len(grid) :]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("speed-up vs eager (×)", fontsize=7)
+
+    handles = [Patch(color=colors[p], label=p) for p in bar_providers]
+    handles += [Line2D([], [], color="black", linestyle=REFERENCES[r], label=r) for r in refs]
+    handles.append(Line2D([], [], color="gray", linestyle="--", label="eager (1.0)"))
     env = summary["env"]
-    ax.set_title(
-        f"{summary['device_name']} - torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}", fontsize=9
+    fig.suptitle(
+        f"speed-up vs eager (higher is faster) - {summary['device_name']}, torch {env.get('torch', '?')}"
+        + (", smoke run: meaningless times" if env.get("smoke") else ""),
+        fontsize=10,
     )
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_ylim(0, max(1.2, ax.get_ylim()[1] * 1.08))
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()),
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.subplots_adjust(top=1 - 0.9 / fig.get_figheight())  # room for the title and the legend
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -316,14 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     raw = json.loads(args.raw_json.read_text())
-    if not raw.get("benchmarks"):
+    if "cases" in raw and "benchmarks" not in raw:  # a report's own JSON: drawn and written again as it is
+        summary = raw
+    elif raw.get("benchmarks"):
+        summary = summarize(raw)
+    else:
         print(f"{args.raw_json}: no benchmarks in this file", file=sys.stderr)
         return 1
-    summary = summarize(raw)
     stem = args.name or summary["device_slug"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     md_path, json_path, png_path = (args.out_dir / f"{stem}{ext}" for ext in (".md", ".json", ".png"))
-    report_command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    if argv is None:
+        report_command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    else:  # called by bench/conftest.py at the end of a benchmark run: the command that redoes this report
+        report_command = shlex.join(["python", "bench/report.py", *argv])
     summary["report_command"] = report_command
 
     have_png = plot(summary, png_path)

@@ -12,7 +12,11 @@ def promote_dtypes(*tensors: torch.Tensor | None) -> torch.dtype:
     dtype = None
     for t in tensors:
         if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+            other = t.dtype
+            if dtype is None:
+                dtype = other
+            elif other is not dtype:  # dtypes are singletons; promote_types costs more than the comparison
+                dtype = torch.promote_types(dtype, other)
     assert dtype is not None
     return dtype
 

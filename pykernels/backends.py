@@ -81,6 +81,14 @@ def requested_backend(explicit: str | None = None) -> str | None:
     return None
 
 
+# What Op.select reads on every call to know whether its memoised decision still holds: os.environ's own dict
+# (bytes keys on POSIX) - what os.environ.get reads, without its per-call encode / decode.
+if os.name == "posix" and isinstance(getattr(os.environ, "_data", None), dict):
+    _env_get, _ENV_BACKEND, _ENV_INTERPRET = os.environ._data.get, b"PYKERNELS_BACKEND", b"TRITON_INTERPRET"
+else:  # pragma: no cover - Windows, or a Python whose os.environ has no _data
+    _env_get, _ENV_BACKEND, _ENV_INTERPRET = os.environ.get, "PYKERNELS_BACKEND", "TRITON_INTERPRET"
+
+
 # ---- what is installed ------------------------------------------------------------------------------------------
 
 
@@ -201,7 +209,8 @@ class Op:
             pass
         fwd, bwd = f"{self.name}_fwd", f"{self.name}_bwd"
         if backend in ("cpp", "cuda"):
-            found = (getattr(torch.ops.pykernels, fwd).default, getattr(torch.ops.pykernels, bwd).default)
+            # the overloads' own callables (OpOverload.__call__ only forwards to them: a Python frame less per call)
+            found = (getattr(torch.ops.pykernels, fwd).default._op, getattr(torch.ops.pykernels, bwd).default._op)
         else:
             package = "pykernels.triton_kernels" if backend == "triton" else "pykernels.reference"
             module = importlib.import_module(f"{package}.{self.stem}")
@@ -291,17 +300,22 @@ class Op:
     def select(self, device: torch.device, dtypes: Sequence[torch.dtype], backend: str | None = None, **call) -> str:
         """The backend that runs this call (see the module docstring for the rules).
 
-        Decisions are memoised per (device, dtypes, explicit choice, TRITON_INTERPRET, call details): what is
-        installed does not change within a process, and this keeps dispatch to a dict lookup on the hot path.
+        Decisions are memoised per (device, dtypes, the sources of the explicit choice - argument, use_backend(),
+        PYKERNELS_BACKEND -, TRITON_INTERPRET, call details): what is installed does not change within a process, and
+        this keeps dispatch to a dict lookup on the hot path. A choice that raises is not memoised (it raises again).
         """
-        explicit = requested_backend(backend)
+        # the raw inputs of requested_backend() and triton_interpret() (reading them costs less than resolving
+        # them), and the call details in the caller's order (another order is another entry, the same decision)
+        key = (device, tuple(dtypes), backend, _CONTEXT_BACKEND.get(), _env_get(_ENV_BACKEND), _env_get(_ENV_INTERPRET))
+        if call:
+            key += tuple(call.items())
         try:
-            key = (device, tuple(dtypes), explicit, triton_interpret(), tuple(sorted(call.items())))
-            return self._decisions[key]
-        except KeyError:
-            pass
+            name = self._decisions.get(key)
         except TypeError:  # unhashable call details: decide without memoising
-            key = None
+            key = name = None
+        if name is not None:
+            return name
+        explicit = requested_backend(backend)
         name = self._select(device, dtypes, explicit, **call)
         if key is not None:
             self._decisions[key] = name

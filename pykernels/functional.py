@@ -94,11 +94,14 @@ def drop_path_add(
     if branch.dim() < 2:
         raise ValueError(f"branch must have a batch dim and at least one more dim, got shape {tuple(branch.shape)}")
     _check_drop_args(drop_prob, mode, rng)
+    channel_dim = 1
     if gamma is not None:
         _check_tensor("gamma", gamma, branch)
-        _channel_dim(gamma, branch)  # a bad gamma fails before any random number is drawn
-    scale = _draw(branch, gamma, drop_prob, training, scale_by_keep, mode, rng)
-    return _fused(residual, branch, scale, gamma, backend)
+        channel_dim = _channel_dim(gamma, branch)  # a bad gamma fails before any random number is drawn
+        if gamma.dim() != 1:
+            gamma = gamma.reshape(-1)
+    scale = _draw(branch, gamma, drop_prob, training, scale_by_keep, mode, rng) if training else None
+    return _drop_path_ops.drop_path_add_call(residual, branch, scale, gamma, channel_dim, None, backend)
 
 
 def drop_path(
@@ -126,7 +129,7 @@ def drop_path(
     scale = _draw(x, None, drop_prob, training, scale_by_keep, mode, rng)
     if scale is None:
         return x
-    return _drop_path_ops.drop_path_add(None, x, scale, None, 1, None, backend)
+    return _drop_path_ops.drop_path_add_call(None, x, scale, None, 1, None, backend)
 
 
 def drop_path_branch(
@@ -183,7 +186,7 @@ def _fused(residual, branch, scale, gamma, backend):
     if gamma is not None:
         channel_dim = _channel_dim(gamma, branch)
         gamma = gamma.reshape(-1)
-    return _drop_path_ops.drop_path_add(residual, branch, scale, gamma, channel_dim, None, backend)
+    return _drop_path_ops.drop_path_add_call(residual, branch, scale, gamma, channel_dim, None, backend)
 
 
 # ---- dwconv_ln ---------------------------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ def dwconv_ln(
     _dwconv_ln_ops.check_args(x, weight, conv_bias, ln_weight, ln_bias, eps)
     if out_layout not in _OUT_LAYOUTS:
         raise ValueError(f"out_layout must be 'nhwc' ((B, H, W, C)) or 'nchw' ((B, C, H, W) view), got {out_layout!r}")
-    out, _, _ = _dwconv_ln_ops.dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, float(eps), backend)
+    out, _, _ = _dwconv_ln_ops.dwconv_ln_call(x, weight, conv_bias, ln_weight, ln_bias, float(eps), backend)
     return out if out_layout == "nhwc" else out.permute(0, 3, 1, 2)
 
 
@@ -274,7 +277,7 @@ def attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     # the dropout seed: a one-element CPU tensor from torch's generator (no device sync, no graph break)
     seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
-    out, _ = _attention_ops.attention(
+    out, _ = _attention_ops.attention_call(
         q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed, backend
     )
     return out.view(batch, n_q, heads, head_dim)
@@ -361,7 +364,7 @@ def mbconv_se(
     )
     if training and x.shape[0] * out_h * out_w == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    out, pooled, mean, var = _mbconv_se_ops.mbconv_se(
+    out, pooled, mean, var = _mbconv_se_ops.mbconv_se_call(
         x,
         weight,
         conv_bias,
@@ -386,6 +389,7 @@ def mbconv_se(
             unbiased = var * (count / max(count - 1, 1))
             running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return out.permute(0, 3, 1, 2), pooled
+
 
 # ---- mlp -----------------------------------------------------------------------------------------------------------
 

@@ -30,11 +30,10 @@ Autograd saves q, k, v, out, lse (and bias / key_padding_mask when given): nothi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from pykernels import backends
+from pykernels.ops import _eager
 
 # the Triton kernel's head dims (padded to a power-of-two tile inside the kernel) and its float32 limit (wider float32
 # tiles spill registers on sm_80 / sm_90: found by the AOT gate)
@@ -127,7 +126,10 @@ OP = backends.register_op(
 
 def select_backend(q: torch.Tensor, *others: torch.Tensor | None, backend: str | None = None) -> str:
     """The backend that runs attention on these tensors (explicit choice checked, else automatic)."""
-    dtypes: Sequence[torch.dtype] = [q.dtype] + [t.dtype for t in others if t is not None and t.is_floating_point()]
+    dtypes: list[torch.dtype] = [q.dtype]
+    for t in others:
+        if t is not None and t.is_floating_point():
+            dtypes.append(t.dtype)
     return OP.select(q.device, dtypes, backend, head_dim=int(q.shape[-1]))
 
 
@@ -148,6 +150,11 @@ def attention(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Nq, H*D), lse (B, H, Nq) fp32) of multi-head attention; see the module docstring."""
+    return _fwd_body(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
+
+
+def _fwd_body(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
+    """The body of pykernels::attention (also run directly by :func:`attention_call`)."""
     fwd, _ = OP.kernels(select_backend(q, k, v, backend=backend))
     return fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, int(seed))
 
@@ -172,7 +179,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, bias, key_padding_mask = ctx.saved_tensors
     causal, scale, dropout_p, seed = ctx.args
-    dq, dk, dv, dbias = attention_backward(
+    dq, dk, dv, dbias = attention_backward_call(
         grad_out,
         q,
         k,
@@ -193,6 +200,19 @@ def _backward(ctx, grad_out, grad_lse):
 
 attention.register_fake(_fwd_fake)
 attention.register_autograd(_backward, setup_context=_setup_context)
+_Attention = _eager.autograd_function("_Attention", _fwd_body, _setup_context, _backward)
+
+
+def attention_call(
+    q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pykernels::attention, in eager without the custom-op wrapper when nothing needs it (ops/_eager.py)."""
+    route = _eager.route(q, k, v, bias, key_padding_mask, seed)
+    if route == _eager.DIRECT:
+        return _fwd_body(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
+    if route == _eager.AUTOGRAD:
+        return _Attention.apply(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
+    return attention(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
 
 
 # ---- pykernels::attention_backward ---------------------------------------------------------------------------------
@@ -216,6 +236,15 @@ def attention_backward(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias) of :func:`attention`; contiguous; dbias is (0,) unless ``need_grad_bias`` and bias."""
+    return _bwd_body(
+        grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias, backend
+    )
+
+
+def _bwd_body(
+    grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias, backend=None
+):
+    """The body of pykernels::attention_backward."""
     need_grad_bias = need_grad_bias and bias is not None
     _, bwd = OP.kernels(select_backend(q, k, v, backend=backend))
     dq, dk, dv, dbias = bwd(
@@ -244,3 +273,28 @@ def _bwd_fake(
 
 
 attention_backward.register_fake(_bwd_fake)
+
+
+def attention_backward_call(
+    grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, seed, need_grad_bias, backend=None
+):
+    """pykernels::attention_backward, in eager without the custom-op wrapper when nothing needs it."""
+    args = (
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        seed,
+        need_grad_bias,
+        backend,
+    )
+    if _eager.direct(grad_out, q, k, v, out, lse, bias, key_padding_mask, seed):
+        return _bwd_body(*args)
+    return attention_backward(*args)

@@ -22,6 +22,7 @@ import torch
 
 from pykernels import backends
 from pykernels._dtypes import promote_dtypes
+from pykernels.ops import _eager
 from pykernels.ops._layout import as_dense_rows, conform_rows
 
 # ---- argument rules ------------------------------------------------------------------------------------------------
@@ -53,6 +54,8 @@ def check_tensor(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -
 def channel_dim(gamma: torch.Tensor, branch: torch.Tensor) -> int:
     """The dim of ``branch`` that a per-channel ``gamma`` scales, by broadcasting rules: (C,) -> last dim,
     (C, 1, 1) or (1, C, 1, 1) -> dim -3 (NCHW). Raises ValueError for any other gamma."""
+    if gamma.dim() == 1 and branch.dim() >= 2 and gamma.shape[0] == branch.shape[-1]:
+        return branch.dim() - 1  # (C,): the common case, what the general rules below give it
     if gamma.numel() == 1 and 1 <= branch.dim() - gamma.dim() and branch.shape[branch.dim() - gamma.dim()] == 1:
         return branch.dim() - gamma.dim()  # C = 1: (1, 1, 1) is NCHW's (C, 1, 1), not a per-W scale
     if gamma.dim() == branch.dim() == 4 and gamma.shape[0] == 1 and gamma.shape[2:] == (1, 1):
@@ -104,7 +107,12 @@ def select_backend(
     branch: torch.Tensor, *others: torch.Tensor | None, out_dtype: torch.dtype | None = None, backend: str | None = None
 ) -> str:
     """The backend that runs drop_path_add on these tensors (explicit choice checked, else automatic)."""
-    dtypes = [branch.dtype] + [t.dtype for t in others if t is not None] + ([out_dtype] if out_dtype else [])
+    dtypes = [branch.dtype]
+    for t in others:
+        if t is not None:
+            dtypes.append(t.dtype)
+    if out_dtype:
+        dtypes.append(out_dtype)
     return OP.select(branch.device, dtypes, backend)
 
 
@@ -126,6 +134,11 @@ def drop_path_add(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``residual + (branch * gamma[c]) * scale[b]``; see :func:`pykernels.functional.drop_path_add`."""
+    return _fwd_body(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
+
+
+def _fwd_body(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None):
+    """The body of pykernels::drop_path_add (also run directly by :func:`drop_path_add_call`)."""
     out_dtype = out_dtype or promote_dtypes(branch, gamma, residual)
     fwd, _ = OP.kernels(select_backend(branch, residual, gamma, out_dtype=out_dtype, backend=backend))
     branch = as_dense_rows(branch)
@@ -157,19 +170,30 @@ def _backward(ctx, grad):
     if ctx.need_grad_residual:
         grad_residual = grad if grad.dtype == ctx.residual_dtype else grad.to(ctx.residual_dtype)
     if ctx.need_grad_gamma:
-        grad_branch, grad_gamma = drop_path_add_backward(
+        grad_branch, grad_gamma = drop_path_add_backward_call(
             grad, branch, scale, gamma, ctx.channel_dim, ctx.need_grad_branch, ctx.backend
         )
         if not ctx.need_grad_branch:
             grad_branch = None
     elif ctx.need_grad_branch:
         # d out / d branch = gamma[c] * scale[b]: the forward op itself (differentiable again: double backward works)
-        grad_branch = drop_path_add(None, grad, scale, gamma, ctx.channel_dim, ctx.branch_dtype, ctx.backend)
+        grad_branch = drop_path_add_call(None, grad, scale, gamma, ctx.channel_dim, ctx.branch_dtype, ctx.backend)
     return grad_residual, grad_branch, None, grad_gamma, None, None, None
 
 
 drop_path_add.register_fake(_fwd_fake)
 drop_path_add.register_autograd(_backward, setup_context=_setup_context)
+_DropPathAdd = _eager.autograd_function("_DropPathAdd", _fwd_body, _setup_context, _backward)
+
+
+def drop_path_add_call(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None) -> torch.Tensor:
+    """pykernels::drop_path_add, in eager without the custom-op wrapper when nothing needs it (ops/_eager.py)."""
+    route = _eager.route(residual, branch, scale, gamma)
+    if route == _eager.DIRECT:
+        return _fwd_body(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
+    if route == _eager.AUTOGRAD:
+        return _DropPathAdd.apply(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
+    return drop_path_add(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
 
 
 # ---- pykernels::drop_path_add_backward --------------------------------------------------------------------------
@@ -186,6 +210,11 @@ def drop_path_add_backward(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_branch, grad_gamma) of ``drop_path_add``; grad_branch is an empty (0,) tensor unless need_grad_branch."""
+    return _bwd_body(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend)
+
+
+def _bwd_body(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend=None):
+    """The body of pykernels::drop_path_add_backward."""
     _, bwd = OP.kernels(select_backend(grad_out, branch, gamma, backend=backend))
     grad_out = as_dense_rows(grad_out)
     branch = conform_rows(branch, grad_out)
@@ -201,4 +230,13 @@ def _bwd_fake(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, bac
 
 
 drop_path_add_backward.register_fake(_bwd_fake)
+
+
+def drop_path_add_backward_call(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend=None):
+    """pykernels::drop_path_add_backward, in eager without the custom-op wrapper when nothing needs it."""
+    if _eager.direct(grad_out, branch, scale, gamma):
+        return _bwd_body(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend)
+    return drop_path_add_backward(grad_out, branch, scale, gamma, channel_dim, need_grad_branch, backend)
+
+
 OP.register_compiled_fakes(_fwd_fake, _bwd_fake)

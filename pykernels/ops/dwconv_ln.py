@@ -37,6 +37,7 @@ import torch
 
 from pykernels import backends
 from pykernels._dtypes import compute_dtype, dtype_name
+from pykernels.ops import _eager
 from pykernels.ops._layout import distinct
 
 # ---- argument rules ------------------------------------------------------------------------------------------------
@@ -195,6 +196,11 @@ def dwconv_ln(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, H, W, C), mean (B, H, W), rstd (B, H, W)); see :func:`pykernels.functional.dwconv_ln`."""
+    return _fwd_body(x, weight, conv_bias, ln_weight, ln_bias, eps, backend)
+
+
+def _fwd_body(x, weight, conv_bias, ln_weight, ln_bias, eps, backend=None):
+    """The body of pykernels::dwconv_ln (also run directly by :func:`dwconv_ln_call`)."""
     fwd, _ = OP.kernels(select_backend(x, weight, conv_bias, ln_weight, ln_bias, backend=backend))
     out, mean, rstd = fwd(
         kernel_layout(x),
@@ -229,7 +235,7 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
     x, weight, conv_bias, ln_weight, ln_bias, mean, rstd = ctx.saved_tensors
     if not (ctx.need_grad_x or ctx.need_grad_params):
         return None, None, None, None, None, None, None
-    grads = dwconv_ln_backward(
+    grads = dwconv_ln_backward_call(
         grad_out,
         x,
         weight,
@@ -252,6 +258,19 @@ def _backward(ctx, grad_out, grad_mean, grad_rstd):
 
 dwconv_ln.register_fake(_fwd_fake)
 dwconv_ln.register_autograd(_backward, setup_context=_setup_context)
+_DWConvLN = _eager.autograd_function("_DWConvLN", _fwd_body, _setup_context, _backward)
+
+
+def dwconv_ln_call(
+    x, weight, conv_bias, ln_weight, ln_bias, eps, backend=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pykernels::dwconv_ln, in eager without the custom-op wrapper when nothing needs it (ops/_eager.py)."""
+    route = _eager.route(x, weight, conv_bias, ln_weight, ln_bias)
+    if route == _eager.DIRECT:
+        return _fwd_body(x, weight, conv_bias, ln_weight, ln_bias, eps, backend)
+    if route == _eager.AUTOGRAD:
+        return _DWConvLN.apply(x, weight, conv_bias, ln_weight, ln_bias, eps, backend)
+    return dwconv_ln(x, weight, conv_bias, ln_weight, ln_bias, eps, backend)
 
 
 # ---- pykernels::dwconv_ln_backward ----------------------------------------------------------------------------------
@@ -276,6 +295,15 @@ def dwconv_ln_backward(
     grad_x has x's kernel layout (NCHW or channels_last) and dtype; each parameter gradient its parameter's shape and
     dtype. Gradients not asked for, or of a None parameter, are empty (0,) tensors of x's dtype.
     """
+    return _bwd_body(
+        grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params, backend
+    )
+
+
+def _bwd_body(
+    grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params, backend=None
+):
+    """The body of pykernels::dwconv_ln_backward."""
     if (grad_out.dtype == torch.float64) != (x.dtype == torch.float64):  # the kernels: float64 with float64 only
         grad_out = grad_out.to(compute_dtype(x.dtype))
     name = select_backend(x, weight, conv_bias, ln_weight, ln_bias, grad_out=grad_out, backend=backend)
@@ -311,4 +339,16 @@ def _bwd_fake(
 
 
 dwconv_ln_backward.register_fake(_bwd_fake)
+
+
+def dwconv_ln_backward_call(
+    grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params, backend=None
+):
+    """pykernels::dwconv_ln_backward, in eager without the custom-op wrapper when nothing needs it."""
+    args = (grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd, need_grad_x, need_grad_params, backend)
+    if _eager.direct(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd):
+        return _bwd_body(*args)
+    return dwconv_ln_backward(*args)
+
+
 OP.register_compiled_fakes(_fwd_fake, _bwd_fake)

@@ -28,6 +28,7 @@ import torch
 
 from pykernels import backends
 from pykernels._dtypes import compute_dtype, dtype_name
+from pykernels.ops import _eager
 from pykernels.ops._layout import distinct
 from pykernels.reference.mbconv_se import ACTIVATIONS
 
@@ -220,6 +221,45 @@ def mbconv_se(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, out_h, out_w, C), pooled (B, C), mean, var); see :func:`pykernels.functional.mbconv_se`."""
+    return _fwd_body(
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        eps,
+        stride,
+        pad_t,
+        pad_l,
+        out_h,
+        out_w,
+        act,
+        batch_stats,
+        backend,
+    )
+
+
+def _fwd_body(
+    x,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    eps,
+    stride,
+    pad_t,
+    pad_l,
+    out_h,
+    out_w,
+    act,
+    batch_stats,
+    backend=None,
+):
+    """The body of pykernels::mbconv_se (also run directly by :func:`mbconv_se_call`)."""
     params = (weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
     fwd, _ = OP.kernels(select_backend(x, *params, backend=backend))
     outputs = fwd(
@@ -284,7 +324,7 @@ def _backward(ctx, grad_out, grad_pooled, grad_mean, grad_var):
     if not (ctx.need_grad_x or ctx.need_grad_params):
         return none
     eps, stride, pad_t, pad_l, act, batch_stats = ctx.args
-    grads = mbconv_se_backward(
+    grads = mbconv_se_backward_call(
         grad_out,
         grad_pooled,
         x,
@@ -314,6 +354,52 @@ def _backward(ctx, grad_out, grad_pooled, grad_mean, grad_var):
 
 mbconv_se.register_fake(_fwd_fake)
 mbconv_se.register_autograd(_backward, setup_context=_setup_context)
+_MBConvSE = _eager.autograd_function("_MBConvSE", _fwd_body, _setup_context, _backward)
+
+
+def mbconv_se_call(
+    x,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    eps,
+    stride,
+    pad_t,
+    pad_l,
+    out_h,
+    out_w,
+    act,
+    batch_stats,
+    backend=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pykernels::mbconv_se, in eager without the custom-op wrapper when nothing needs it (ops/_eager.py)."""
+    args = (
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        eps,
+        stride,
+        pad_t,
+        pad_l,
+        out_h,
+        out_w,
+        act,
+        batch_stats,
+        backend,
+    )
+    route = _eager.route(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var)
+    if route == _eager.DIRECT:
+        return _fwd_body(*args)
+    if route == _eager.AUTOGRAD:
+        return _MBConvSE.apply(*args)
+    return mbconv_se(*args)
 
 
 # ---- pykernels::mbconv_se_backward ----------------------------------------------------------------------------------
@@ -342,6 +428,49 @@ def mbconv_se_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_conv_bias, grad_bn_weight, grad_bn_bias) of :func:`mbconv_se` (contract in
     csrc/ops.cpp)."""
+    return _bwd_body(
+        grad_out,
+        grad_pooled,
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        mean,
+        var,
+        eps,
+        stride,
+        pad_t,
+        pad_l,
+        act,
+        batch_stats,
+        need_grad_x,
+        need_grad_params,
+        backend,
+    )
+
+
+def _bwd_body(
+    grad_out,
+    grad_pooled,
+    x,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    mean,
+    var,
+    eps,
+    stride,
+    pad_t,
+    pad_l,
+    act,
+    batch_stats,
+    need_grad_x,
+    need_grad_params,
+    backend=None,
+):
+    """The body of pykernels::mbconv_se_backward."""
     if (grad_out.dtype == torch.float64) != (x.dtype == torch.float64):  # the kernels: float64 with float64 only
         grad_out = grad_out.to(_stat_dtype(x))
     if grad_pooled is not None:
@@ -399,4 +528,52 @@ def _bwd_fake(
 
 
 mbconv_se_backward.register_fake(_bwd_fake)
+
+
+def mbconv_se_backward_call(
+    grad_out,
+    grad_pooled,
+    x,
+    weight,
+    conv_bias,
+    bn_weight,
+    bn_bias,
+    mean,
+    var,
+    eps,
+    stride,
+    pad_t,
+    pad_l,
+    act,
+    batch_stats,
+    need_grad_x,
+    need_grad_params,
+    backend=None,
+):
+    """pykernels::mbconv_se_backward, in eager without the custom-op wrapper when nothing needs it."""
+    args = (
+        grad_out,
+        grad_pooled,
+        x,
+        weight,
+        conv_bias,
+        bn_weight,
+        bn_bias,
+        mean,
+        var,
+        eps,
+        stride,
+        pad_t,
+        pad_l,
+        act,
+        batch_stats,
+        need_grad_x,
+        need_grad_params,
+        backend,
+    )
+    if _eager.direct(grad_out, grad_pooled, x, weight, conv_bias, bn_weight, bn_bias, mean, var):
+        return _bwd_body(*args)
+    return mbconv_se_backward(*args)
+
+
 OP.register_compiled_fakes(_fwd_fake, _bwd_fake)

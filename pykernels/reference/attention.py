@@ -67,10 +67,11 @@ def _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale):
     """(out (B, Nq, H*D), lse (B, H, Nq) fp32) from ``aten._scaled_dot_product_flash_attention_for_cpu`` on
     (B, H, N, D) views; its output is (B, N, H, D) in memory, so the reshape to (B, Nq, H*D) is free."""
     batch, n_q, heads, head_dim = q.shape
-    mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qt, kt, vt, 0.0, is_causal, attn_mask=mask, scale=scale
+    mask, is_causal = None, causal
+    if bias is not None or key_padding_mask is not None:
+        mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale
     )
     return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim), lse
 
@@ -182,7 +183,9 @@ def attention_fwd(q, k, v, bias, key_padding_mask, causal: bool, scale: float, d
         return out, torch.full((batch, heads, n_q), float("-inf"), dtype=torch.float32, device=q.device)
     if _cpu_flash(q, dropout_p):
         out, lse = _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale)
-        return out.contiguous(), _masked_rows_to_neg_inf(lse.contiguous(), bias, key_padding_mask)
+        if bias is not None or key_padding_mask is not None:
+            lse = _masked_rows_to_neg_inf(lse.contiguous(), bias, key_padding_mask)
+        return out.contiguous(), lse.contiguous()
     out = _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed)
     return out.contiguous(), _torch_lse(q, k, bias, key_padding_mask, causal, scale)
 

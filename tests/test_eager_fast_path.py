@@ -1,0 +1,316 @@
+"""The eager fast path (pykernels/ops/_eager.py): ``<name>_call`` skips the custom-op wrapper when nothing needs it.
+
+Checked for every op: which route a call takes (the custom op is not entered in eager no-grad calls; an
+autograd.Function of the op's own formulas carries gradients; the custom op itself under torch.compile, modes,
+functorch transforms and tensor subclasses), that the routes give bit-identical outputs and gradients and the same
+errors, that backend selection (argument, use_backend, PYKERNELS_BACKEND) still decides, and that compiled graphs
+still hold the custom ops, forward and backward. No timing here: bench/bench_overhead.py measures the overhead.
+"""
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from helpers import spy_kernels
+from torch._dynamo.backends.common import aot_autograd
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pykernels
+import pykernels.functional as F
+from pykernels import backends
+from pykernels.ops import _eager
+from pykernels.ops import attention as attention_ops
+from pykernels.ops import drop_path as drop_path_ops
+from pykernels.ops import dwconv_ln as dwconv_ln_ops
+from pykernels.ops import mbconv_se as mbconv_se_ops
+
+# ---- one case per op: its tensor inputs and a functional call taking them --------------------------------------------
+
+
+def _drop_path_case():
+    torch.manual_seed(0)
+    x, y, g = torch.randn(4, 5, 16), torch.randn(4, 5, 16), torch.randn(16)
+    return (x, y, g), lambda x, y, g, **kw: F.drop_path_add(x, y, 0.5, g, **kw)
+
+
+def _dwconv_ln_case():
+    torch.manual_seed(0)
+    tensors = (torch.randn(2, 8, 5, 6), torch.randn(8, 1, 7, 7), torch.randn(8), torch.randn(8), torch.randn(8))
+    return tensors, lambda x, w, b, lw, lb, **kw: F.dwconv_ln(x, w, b, lw, lb, 1e-6, **kw)
+
+
+def _mbconv_se_case():
+    torch.manual_seed(0)
+    tensors = (torch.randn(2, 8, 6, 6), torch.randn(8, 1, 3, 3), torch.randn(8), torch.randn(8))
+    rm, rv = torch.randn(8), torch.rand(8) + 0.5
+
+    def fn(x, w, bw, bb, **kw):
+        return F.mbconv_se(x, w, None, bw, bb, rm, rv, stride=2, **kw)
+
+    return tensors, fn
+
+
+def _attention_case():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 3, 2, 16).unbind(2)
+    bias = torch.randn(2, 6, 6)
+    return (q, k, v, bias), lambda q, k, v, bias, **kw: F.attention(q, k, v, bias, causal=True, **kw)
+
+
+CASES = {
+    "drop_path_add": (drop_path_ops, _drop_path_case),
+    "dwconv_ln": (dwconv_ln_ops, _dwconv_ln_case),
+    "mbconv_se": (mbconv_se_ops, _mbconv_se_case),
+    "attention": (attention_ops, _attention_case),
+}
+
+
+FUNCTIONS = {
+    "drop_path_add": "_DropPathAdd",
+    "dwconv_ln": "_DWConvLN",
+    "mbconv_se": "_MBConvSE",
+    "attention": "_Attention",
+}
+
+
+def _outputs(result):
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def _spy_custom_ops(monkeypatch, module, name):
+    """Counts calls of the custom ops ``name`` and ``name_backward`` that ``<name>_call`` reaches (module globals)."""
+    entered = []
+    for op_name in (name, f"{name}_backward"):
+        real = getattr(module, op_name)
+
+        def spy(*args, _real=real, _name=op_name):
+            entered.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(module, op_name, spy)
+    return entered
+
+
+def _slow(monkeypatch):
+    """Every call takes the custom op (the route of torch.compile), for comparison."""
+    monkeypatch.setattr(_eager, "route", lambda *tensors: _eager.OPAQUE)
+    monkeypatch.setattr(_eager, "direct", lambda *tensors: False)
+
+
+# ---- routes ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_no_grad_calls_skip_the_custom_op(monkeypatch, name):
+    module, case = CASES[name]
+    entered = _spy_custom_ops(monkeypatch, module, name)
+    tensors, fn = case()
+    with torch.no_grad():
+        fn(*tensors)
+    with torch.inference_mode():
+        fn(*tensors)
+    fn(*tensors)  # grad mode on, nothing requires grad
+    assert entered == []
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_autograd_calls_use_the_ops_formulas_without_the_custom_op(monkeypatch, name):
+    module, case = CASES[name]
+    entered = _spy_custom_ops(monkeypatch, module, name)
+    tensors, fn = case()
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = _outputs(fn(*leaves))[0]
+    nodes = _graph_nodes(out)
+    assert FUNCTIONS[name] + "Backward" in nodes, nodes
+    assert not any(n.startswith("GeneratedBackwardFor_pykernels") for n in nodes), nodes
+    torch.autograd.grad(out.square().sum(), leaves)
+    assert entered == []
+
+
+def _graph_nodes(out) -> set[str]:
+    """Class names of the autograd nodes behind ``out``."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            todo += [next_fn for next_fn, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_compile_traces_the_custom_ops(name):
+    """torch.compile(fullgraph=True) sees pykernels::<name> in the forward graph and <name>_backward in the
+    backward graph (the fast path is eager only)."""
+    module, case = CASES[name]
+    tensors, fn = case()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=capture, bw_compiler=capture), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    out = _outputs(compiled(*leaves))[0]
+    torch.autograd.grad(out.square().sum(), leaves)
+    assert len(graphs) == 2
+    assert f"pykernels.{name}.default" in graphs[0]
+    assert f"pykernels.{name}_backward.default" in graphs[1]
+    with torch.no_grad():
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=capture), fullgraph=True)
+        torch.manual_seed(1)  # drop_path_add draws its mask
+        got = _outputs(compiled(*tensors))
+        torch.manual_seed(1)
+        torch.testing.assert_close(got, _outputs(fn(*tensors)), rtol=0, atol=0)
+        assert f"pykernels.{name}.default" in graphs[0]
+
+
+def test_route_rules():
+    x = torch.randn(3)
+    w = torch.randn(3, requires_grad=True)
+    assert _eager.route(x, None) == _eager.DIRECT
+    assert _eager.route(x, w) == _eager.AUTOGRAD
+    with torch.no_grad():
+        assert _eager.route(x, w) == _eager.DIRECT
+    with torch.inference_mode():
+        assert _eager.route(x, w) == _eager.DIRECT
+    assert _eager.route(torch.nn.Parameter(x)) == _eager.AUTOGRAD
+    # whatever must see the custom op itself: modes, functorch transforms, subclasses
+    with TorchDispatchMode():
+        assert _eager.route(x) == _eager.OPAQUE
+    with torch.device("cpu"):  # a torch-function mode
+        assert _eager.route(x) == _eager.OPAQUE
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert _eager.route(fake) == _eager.OPAQUE
+    assert _eager.route(fake) == _eager.OPAQUE  # a subclass even outside its mode
+    seen = []
+    torch.vmap(lambda t: seen.append(_eager.route(t)) or t)(torch.randn(2, 3))
+    assert seen == [_eager.OPAQUE]
+    assert not _eager.direct(x, w) and _eager.direct(x, None)
+
+
+def test_dispatch_modes_see_the_custom_op():
+    """Under a TorchDispatchMode (FlopCounterMode, make_fx, ...) the custom op is called, as before."""
+    (x, y, g), fn = _drop_path_case()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        fn(x, y, g)
+    assert "pykernels.drop_path_add.default" in seen
+
+
+# ---- same results, same errors, same backend -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_routes_give_identical_results(monkeypatch, name):
+    _, case = CASES[name]
+    tensors, fn = case()
+    leaves = [t.clone().requires_grad_() for t in tensors]
+
+    def run():
+        torch.manual_seed(1)  # drop_path_add draws its mask
+        with torch.no_grad():
+            out = _outputs(fn(*tensors))
+        out_with_grad = _outputs(fn(*leaves))
+        return out, out_with_grad, torch.autograd.grad(out_with_grad[0].square().sum(), leaves)
+
+    fast, fast_grad_out, fast_grads = run()
+    _slow(monkeypatch)
+    slow, slow_grad_out, slow_grads = run()
+    for a, b in zip(fast + fast_grad_out + fast_grads, slow + slow_grad_out + slow_grads):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def test_double_backward_through_the_fast_path(monkeypatch):
+    """drop_path_add's branch gradient is the op itself: differentiable again on either route."""
+    (x, y, g), fn = _drop_path_case()
+    results = []
+    for slow in (False, True):
+        if slow:
+            _slow(monkeypatch)
+        branch = y.clone().requires_grad_()
+        out = fn(x, branch, g.detach(), training=False)
+        (grad,) = torch.autograd.grad((out * out).sum(), branch, create_graph=True)
+        (grad2,) = torch.autograd.grad(grad.sum(), branch)
+        results.append((grad, grad2))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("bad_backend", ["nope", "cuda"])
+def test_routes_raise_the_same_errors(monkeypatch, name, bad_backend):
+    _, case = CASES[name]
+    tensors, fn = case()
+    with torch.no_grad():
+        fast = _error(lambda: fn(*tensors, backend=bad_backend))
+    _slow(monkeypatch)
+    with torch.no_grad():
+        slow = _error(lambda: fn(*tensors, backend=bad_backend))
+    assert fast == slow
+    assert fast[0] is (ValueError if bad_backend == "nope" else backends.BackendNotSupportedError)
+
+
+def test_bad_arguments_still_raise_on_the_fast_path():
+    (x, y, g), fn = _drop_path_case()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="same shape"):
+            F.drop_path_add(x, y[:, :2])
+        with pytest.raises(ValueError, match="per-channel layer-scale"):
+            F.drop_path_add(x, y, 0.1, torch.randn(5, 2))
+        with pytest.raises(TypeError, match="floating-point"):
+            F.drop_path_add(x, y.long())
+        q = torch.randn(1, 4, 2, 8)
+        with pytest.raises(ValueError, match="k and v must be"):
+            F.attention(q, q[:, :, :1], q)
+        with pytest.raises(ValueError, match="kernel size 4 not supported"):
+            F.dwconv_ln(torch.randn(1, 8, 4, 4), torch.randn(8, 1, 4, 4))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_backend_choice_is_respected_on_the_fast_path(monkeypatch, name):
+    """argument > use_backend() > PYKERNELS_BACKEND > automatic, as the custom op decides (spy_kernels sees it)."""
+    module, case = CASES[name]
+    ran = spy_kernels(monkeypatch, module.OP)
+    tensors, fn = case()
+    auto = module.OP.select(tensors[0].device, [tensors[0].dtype])
+    with torch.no_grad():
+        fn(*tensors)
+        monkeypatch.setenv("PYKERNELS_BACKEND", "torch")
+        fn(*tensors)
+        with pykernels.use_backend(auto):
+            fn(*tensors)
+            fn(*tensors, backend="torch")
+        monkeypatch.delenv("PYKERNELS_BACKEND")
+        fn(*tensors)
+    assert ran == [auto, "torch", auto, "torch", auto]
+
+
+def test_backward_pins_the_forwards_backend_on_the_fast_path(monkeypatch):
+    """The autograd route keeps the op's backward pin (ctx.backend): a backward outside the use_backend block runs on
+    the forward's explicit backend."""
+    ran = spy_kernels(monkeypatch, dwconv_ln_ops.OP)
+    (x, *params), fn = _dwconv_ln_case()
+    x = x.requires_grad_()
+    with pykernels.use_backend("torch"):
+        out = fn(x, *params)
+    out.sum().backward()
+    assert ran == ["torch", "torch"]

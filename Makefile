@@ -45,9 +45,9 @@ unit: build
 gpu-check: build
 	PYKERNELS_GPU_CHECK=1 $(PY) -m pytest tests/gpu_check -n $(WORKERS) -q
 
+# One progress line per case; bench/conftest.py runs bench/report.py at the end (same as `pytest --benchmark-only`)
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.raw.json -q
-	$(PY) bench/report.py bench/results/latest.raw.json
 
 info: build
 	$(PY) -m pykernels info

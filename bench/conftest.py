@@ -29,7 +29,16 @@ Environment variables:
 * ``PYKERNELS_BENCH_DEVICE``    - ``cpu`` or ``cuda`` (default: cuda when available, else cpu);
 * ``PYKERNELS_BENCH_PROVIDERS`` - comma-separated providers to run (default: all);
 * ``PYKERNELS_BENCH_BUDGET_S``  - seconds of timed rounds per benchmark (default 4.0 on CPU, 1.0 on CUDA);
-* ``PYKERNELS_BENCH_SMOKE=1``   - tiny shapes, 2 rounds, no ``torch.compile`` providers (``tests/test_bench_smoke.py``).
+* ``PYKERNELS_BENCH_SMOKE=1``   - tiny shapes, 2 rounds, no ``torch.compile`` providers (``tests/test_bench_smoke.py``);
+* ``PYKERNELS_BENCH_REPORT``    - where the report of a ``--benchmark-only`` run goes (default ``bench/results``; no
+  report in smoke mode unless set), ``0``: no report.
+
+Progress and report: under ``--benchmark-only`` every case prints one line when it ends (``[done/total elapsed]``,
+the node id, median and rounds, first-call time, the case's wall time), and at the end of the session
+``bench/report.py`` turns the run's JSON (``--benchmark-json``, else ``<report dir>/latest.raw.json``) into
+``<device-slug>.md`` / ``.json`` / ``.png``; a run of part of the suite (some files, ``-k``, ``-m``,
+``PYKERNELS_BENCH_PROVIDERS``) is written as ``<device-slug>-subset.*`` instead, so it never overwrites the report of
+a whole run.
 
 Rounds are chosen here (``benchmark.pedantic``), so pytest-benchmark's ``--benchmark-min-rounds`` /
 ``--benchmark-max-time`` do not apply; ``--benchmark-disable`` runs each step once, untimed.
@@ -37,8 +46,11 @@ Rounds are chosen here (``benchmark.pedantic``), so pytest-benchmark's ``--bench
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
+import importlib.util
+import io
 import os
 import platform
 import re
@@ -46,6 +58,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,6 +67,7 @@ import torch
 SMOKE = os.environ.get("PYKERNELS_BENCH_SMOKE", "0") not in ("", "0")
 PROVIDERS = ("eager", "pykernels", "compile-eager", "compile-pykernels")
 L2_FLUSH_BYTES = 256 * 1024 * 1024
+BENCH_DIR = Path(__file__).resolve().parent
 _LOAD_AT_START: list[float] = []  # the machine's 1/5/15-min load averages when the session started
 
 
@@ -236,6 +250,7 @@ class Bench:
         ideal_bytes: int | None = None,
         flops: float | None = None,
         warmup: int = 3,
+        warmup_rounds: int = 1,
         min_rounds: int = 5,
         max_rounds: int | None = None,
         budget_s: float | None = None,
@@ -248,7 +263,9 @@ class Bench:
             inputs: the step's input tensors (their storages are not counted as *extra* saved bytes).
             ideal_bytes: bytes an ideal kernel must move for one step -> ``gbps``.
             flops: floating-point operations of one step -> ``tflops`` (state the formula in ``extra_info``).
-            warmup: untimed calls before timing (the first compiles a ``torch.compile`` provider).
+            warmup: untimed calls before timing, at least 1 (the first compiles a ``torch.compile`` provider; the
+                last ones estimate a round: give 2 where the first call is not a step's time).
+            warmup_rounds: pytest-benchmark's untimed rounds right before the timed ones (0 for slow steps).
             min_rounds, max_rounds, budget_s: rounds = budget_s / (time of one step), clamped.
         """
         device, info = self.device, self.info
@@ -259,7 +276,7 @@ class Bench:
             synchronize(device)
 
         # warm-up, untimed: the first call compiles (torch.compile) or loads kernels; the others estimate a round
-        warmup = 1 if SMOKE else max(warmup, 2)
+        warmup = 1 if SMOKE else max(warmup, 1)
         times = []
         for _ in range(warmup):
             synchronize(device)
@@ -292,7 +309,8 @@ class Bench:
             estimate = _median(times[1:]) if len(times) > 1 else times[0]
             rounds = int(min(max(budget_s / max(estimate, 1e-6), min_rounds), max_rounds))
         info["rounds"] = rounds
-        self.benchmark.pedantic(timed, setup=flush, rounds=rounds, iterations=1, warmup_rounds=0 if SMOKE else 1)
+        warmup_rounds = 0 if SMOKE else warmup_rounds
+        self.benchmark.pedantic(timed, setup=flush, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
 
         stats = getattr(self.benchmark, "stats", None)
         if stats is not None:  # None under --benchmark-disable
@@ -322,6 +340,7 @@ def bench(benchmark, device) -> Bench:
 
 
 def pytest_configure(config):
+    _Session.config = config
     if hasattr(os, "getloadavg") and not _LOAD_AT_START:
         _LOAD_AT_START.extend(round(x, 2) for x in os.getloadavg())
 
@@ -352,3 +371,140 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["pykernels_command"] = shlex.join(getattr(sys, "orig_argv", sys.argv))
+
+
+# ---- progress lines and the report at the end of a --benchmark-only run ------------------------------------------
+
+
+class _Session:
+    """What the progress lines and the report need to know about the session."""
+
+    total = 0
+    done = 0
+    start = 0.0
+    deselected = 0
+    subset = False
+    config: pytest.Config | None = None
+    lines: dict[str, str] = {}  # node id -> figures of its benchmark, from pytest_runtest_makereport
+
+
+def _benchmark_only(config) -> bool:
+    return bool(config.getoption("benchmark_only", default=False))
+
+
+def _report_dir() -> Path | None:
+    """``PYKERNELS_BENCH_REPORT``: a folder, ``0`` (no report), or unset (bench/results; none in smoke mode)."""
+    value = os.environ.get("PYKERNELS_BENCH_REPORT", "").strip()
+    if value == "0":
+        return None
+    if value:
+        return Path(value)
+    return None if SMOKE else BENCH_DIR / "results"
+
+
+def pytest_deselected(items):
+    _Session.deselected += len(items)
+
+
+def pytest_collection_finish(session):
+    config = session.config
+    _Session.total, _Session.done, _Session.start = len(session.items), 0, time.perf_counter()
+    bench_files = {p.name for p in BENCH_DIR.glob("bench_*.py")}
+    collected = {item.path.name for item in session.items if item.path.parent == BENCH_DIR}
+    _Session.subset = bool(_Session.deselected) or not bench_files <= collected
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if _benchmark_only(config) and reporter is not None and config.get_verbosity() <= 0:
+        reporter.showfspath = False  # the progress lines name each case (no file name + dots line per case)
+    bs = getattr(config, "_benchmarksession", None)
+    out = _report_dir()
+    if config.option.collectonly or not _benchmark_only(config) or out is None or bs is None:
+        return
+    if not getattr(bs, "json", None):
+        out.mkdir(parents=True, exist_ok=True)
+        bs.json = str(out / "latest.raw.json")  # pytest-benchmark writes it at session end (as --benchmark-json)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    stats = getattr(getattr(fixture, "stats", None), "stats", None)
+    if call.when == "call" and stats is not None:
+        info = fixture.extra_info
+        parts = [f"median {_human_s(stats.median)} x {stats.rounds} rounds"]
+        if "first_call_s" in info:
+            parts.append(f"1st call {_human_s(info['first_call_s'])}")
+        if "saved_bytes" in info:
+            parts.append(f"saved {info['saved_bytes'] / 2**20:.0f} MiB")
+        _Session.lines[item.nodeid] = ", ".join(parts)
+    return report
+
+
+def _relpath(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies below it (the report names its command)."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _human_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
+
+
+def pytest_report_teststatus(report, config):
+    """Under ``--benchmark-only`` without ``-v``: no dot per benchmark (the progress line says it)."""
+    if _benchmark_only(config) and config.get_verbosity() <= 0 and report.when == "call" and report.passed:
+        return "passed", "", "PASSED"
+    return None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """One line per case under ``--benchmark-only``: ``[done/total elapsed] node id: figures (wall time)``."""
+    if report.when == "setup" and report.passed:
+        return
+    if report.when == "teardown" and not report.failed:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _Session.done += 1
+    config = _Session.config
+    if config is None or not _benchmark_only(config):
+        return
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    elapsed = int(time.perf_counter() - _Session.start)
+    clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+    head = f"[{_Session.done:>{len(str(_Session.total))}}/{_Session.total} {clock}]"
+    if report.passed:
+        what = _Session.lines.pop(report.nodeid, "done")
+    elif report.skipped:
+        what = "skipped"
+    else:
+        what = f"{report.when} FAILED"
+    reporter.write_line(f"{head} {report.nodeid}: {what} ({report.duration:.1f} s)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The report of a ``--benchmark-only`` run (bench/report.py on the JSON pytest-benchmark has just written)."""
+    bs = getattr(config, "_benchmarksession", None)
+    raw = getattr(bs, "json", None)
+    out = _report_dir()
+    if not _benchmark_only(config) or out is None or not getattr(bs, "benchmarks", None) or not raw:
+        return
+    slug = env_info(pick_device())["device_slug"]
+    name = f"{slug}-subset" if _Session.subset else slug
+    terminalreporter.section("pykernels benchmark report")
+    spec = importlib.util.spec_from_file_location("pykernels_bench_report", BENCH_DIR / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    text = io.StringIO()
+    try:
+        spec.loader.exec_module(report)
+        with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            report.main([_relpath(raw), "--out-dir", _relpath(out), "--name", name])
+    except Exception as exc:  # the timings are in the JSON already: say what failed, do not lose the run
+        text.write(f"bench/report.py failed on {raw}: {type(exc).__name__}: {exc}\n")
+    for line in text.getvalue().splitlines():
+        terminalreporter.write_line(line)
+    if _Session.subset:
+        terminalreporter.write_line(f"(part of the suite was run: written as {name}.*, not over {slug}.*)")

@@ -1,19 +1,16 @@
-"""Benchmark: the MBConv block with squeeze-excitation (EfficientNet, MobileNet-V3), block by block and whole models.
+"""Benchmark: the MBConv block with squeeze-excitation (EfficientNet, MobileNet-V3), block by block.
 
 MBConv (Sandler et al. 2018; Tan & Le 2019): 1x1 expand + BN + act -> depthwise k x k + BN + act -> SE -> 1x1
 project + BN -> DropPath + residual. Cases: EfficientNet-B0 block shapes at batch 32 (fp32 on CPU, fp16 on CUDA):
 16 -> 24 stride 2 k3 at 112x112, 40 -> 40 k5 at 28x28, 112 -> 112 k5 at 14x14, 192 -> 320 k3 at 7x7 (expand ratio 6,
 SE ratio 0.25, SiLU, channels-last input: what the previous block hands over), each as the eval forward and the train
-forward + backward; and whole models: timm ``efficientnet_b0`` at batch 8, eval forward and a training step (forward,
-backward, SGD step), swapped by ``pykernels.swap``.
+forward + backward. Whole models (timm ``efficientnet_b0`` swapped by ``pykernels.swap``) are in ``bench_models.py``.
 
 Providers (see ``bench/conftest.py``):
 
-* ``eager``             - timm's ``InvertedResidual`` / model in eager PyTorch;
-* ``pykernels``         - ``pykernels.FusedMBConvSE.from_module`` of it / ``pykernels.swap`` of the model (same
-  weights);
-* ``compile-eager``     - ``torch.compile`` of the original (for the eval model also with inductor's freezing,
-  ``compile-eager-freezing``: BatchNorm folded at compile time);
+* ``eager``             - timm's ``InvertedResidual`` in eager PyTorch;
+* ``pykernels``         - ``pykernels.FusedMBConvSE.from_module`` of it (same weights);
+* ``compile-eager``     - ``torch.compile`` of the original;
 * ``compile-pykernels`` - ``torch.compile`` of the pykernels version.
 
 Train steps record the bytes autograd saves for backward (unique storages).
@@ -21,7 +18,6 @@ Train steps record the bytes autograd saves for backward (unique storages).
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 
@@ -46,7 +42,6 @@ class Case:
 
 if SMOKE:
     CASES = (Case("smoke", 8, 8, 3, 1, 9, 2),)
-    MODEL_BATCH, MODEL_SIZE = 2, 64
 else:
     CASES = (
         Case("16-24-s2-k3-112", 16, 24, 3, 2, 112),
@@ -54,7 +49,6 @@ else:
         Case("112-112-k5-14", 112, 112, 5, 1, 14),
         Case("192-320-k3-7", 192, 320, 3, 1, 7),
     )
-    MODEL_BATCH, MODEL_SIZE = 8, 224
 CASES_BY_ID = {c.id: c for c in CASES}
 
 
@@ -142,66 +136,3 @@ def bench_mbconv_block(bench, device, case_id: str, provider: str, mode: str):
             torch.autograd.grad(module(x), [x, *params], grad_out)
 
         bench.run(step, forward=lambda: module(x), inputs=[x, *params])
-
-
-MODEL_PROVIDERS = PROVIDERS + ("compile-eager-freezing",)
-
-
-@pytest.mark.parametrize("mode", ["eval", "train_step"])
-@pytest.mark.parametrize("provider", MODEL_PROVIDERS)
-@pytest.mark.parametrize("model_name", ["efficientnet_b0"])
-def bench_mbconv_model(bench, device, model_name: str, provider: str, mode: str):
-    import timm
-
-    import pykernels
-
-    if provider == "compile-eager-freezing" and mode != "eval":
-        pytest.skip("inductor's freezing applies to inference only")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    bench.seed(0)
-    model = timm.create_model(model_name, drop_path_rate=0.2 if mode == "train_step" else 0.0)
-    model = model.to(device=device, dtype=dtype)
-    if provider.endswith("pykernels"):
-        model = pykernels.swap(copy.deepcopy(model)).model
-    model.train(mode == "train_step")
-    x = torch.randn(MODEL_BATCH, 3, MODEL_SIZE, MODEL_SIZE, device=device, dtype=dtype)
-    bench.describe(
-        op="model",
-        case=f"{model_name}-b{MODEL_BATCH}-{mode}",
-        provider=provider,
-        model=model_name,
-        shape=list(x.shape),
-        dtype=str(dtype).removeprefix("torch."),
-        backend=_backend(provider.replace("-freezing", "")),
-        step="eval forward" if mode == "eval" else "training step (forward, backward, SGD step)",
-    )
-    if provider == "compile-eager-freezing":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        try:
-            module = bench.compile(model)
-            with torch.no_grad():
-                module(x)  # freezing happens at the first call
-        finally:
-            inductor_config.freezing = False
-    elif provider.startswith("compile-"):
-        module = bench.compile(model)
-    else:
-        module = model
-    if mode == "eval":
-
-        def step():
-            with torch.no_grad():
-                module(x)
-
-        bench.run(step)
-        return
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        module(x).float().square().mean().backward()
-        opt.step()
-
-    bench.run(step, forward=lambda: module(x), inputs=[x, *model.parameters()])

@@ -29,7 +29,9 @@ Environment variables:
 * ``PYKERNELS_BENCH_DEVICE``    - ``cpu`` or ``cuda`` (default: cuda when available, else cpu);
 * ``PYKERNELS_BENCH_PROVIDERS`` - comma-separated providers to run (default: all);
 * ``PYKERNELS_BENCH_BUDGET_S``  - seconds of timed rounds per benchmark (default 4.0 on CPU, 1.0 on CUDA);
-* ``PYKERNELS_BENCH_SMOKE=1``   - tiny shapes, 2 rounds, no ``torch.compile`` providers (``tests/test_bench_smoke.py``);
+* ``PYKERNELS_BENCH_SMOKE=1``   - tiny shapes, 2 rounds, one thread, no ``torch.compile`` providers
+  (``tests/test_bench_smoke.py``; one thread: on a busy machine - the test suite runs two workers - OpenMP's
+  threads wait on each other, and a step of milliseconds takes seconds);
 * ``PYKERNELS_BENCH_REPORT``    - where the report of a ``--benchmark-only`` run goes (default ``bench/results``; no
   report in smoke mode unless set), ``0``: no report.
 
@@ -66,6 +68,8 @@ import torch
 
 SMOKE = os.environ.get("PYKERNELS_BENCH_SMOKE", "0") not in ("", "0")
 PROVIDERS = ("eager", "pykernels", "compile-eager", "compile-pykernels")
+if SMOKE:
+    torch.set_num_threads(1)
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 BENCH_DIR = Path(__file__).resolve().parent
 _LOAD_AT_START: list[float] = []  # the machine's 1/5/15-min load averages when the session started

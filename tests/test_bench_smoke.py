@@ -148,14 +148,43 @@ def test_bench_dwconv_ln_smoke(tmp_path):
 
 
 def test_bench_mbconv_se_smoke(tmp_path):
-    """bench/bench_mbconv_se.py collects and runs its block and whole-model cases (eval and train) for the non-compile
-    providers, recording saved-for-backward bytes on the train steps."""
+    """bench/bench_mbconv_se.py collects and runs its block cases (eval and train) for the non-compile providers,
+    recording saved-for-backward bytes on the train steps."""
     benches = json.loads(_run_bench("bench/bench_mbconv_se.py", tmp_path).read_text())["benchmarks"]
     seen = {(b["extra_info"]["op"], b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
-    want = {("mbconv_block", f"smoke-{m}", p) for m in ("fwd", "fwd_bwd") for p in SMOKE_PROVIDERS}
-    want |= {("model", f"efficientnet_b0-b2-{m}", p) for m in ("eval", "train_step") for p in SMOKE_PROVIDERS}
-    assert seen == want
+    assert seen == {("mbconv_block", f"smoke-{m}", p) for m in ("fwd", "fwd_bwd") for p in SMOKE_PROVIDERS}
     for b in benches:
         info = b["extra_info"]
         if "train" in info["case"] or "bwd" in info["case"]:
             assert info["saved_bytes"] > 0, info
+
+
+def test_bench_models_smoke(tmp_path):
+    """bench/bench_models.py runs its whole-model cases (two models at 32x32: eval at batch 1 and a training step)
+    for the non-compile providers; the swapped rows say what was swapped (attention included for the ViT), training
+    rows record saved-for-backward bytes, and the report writes its files from the run."""
+    raw_path = _run_bench("bench/bench_models.py", tmp_path)
+    benches = json.loads(raw_path.read_text())["benchmarks"]
+    seen = {(b["extra_info"]["op"], b["extra_info"]["case"], b["extra_info"]["provider"]) for b in benches}
+    assert seen == {
+        ("model", f"{model}-{case}", p)
+        for model in ("convnext_nano", "vit_small_patch16_224")
+        for case in ("b1-eval", "b2-train_step")
+        for p in SMOKE_PROVIDERS
+    }
+    for b in benches:
+        info = b["extra_info"]
+        assert info["shape"][0] == (2 if "train" in info["case"] else 1), info
+        if "train" in info["case"]:
+            assert info["saved_bytes"] > 0, info
+        if info["provider"] == "pykernels":
+            kind = "convnext_block" if info["model"] == "convnext_nano" else "attention"
+            assert info["backend"].startswith("swapped ") and kind in info["backend"], info
+
+    out_dir = tmp_path / "out"
+    _run(["bench/report.py", str(raw_path), "--out-dir", str(out_dir), "--name", "smoke"], tmp_path)
+    assert (out_dir / "smoke.png").stat().st_size > 1000
+    summary = json.loads((out_dir / "smoke.json").read_text())
+    assert set(summary["cases"]) == {
+        f"model[{m}-{c}]" for m in ("convnext_nano", "vit_small_patch16_224") for c in ("b1-eval", "b2-train_step")
+    }

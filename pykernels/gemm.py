@@ -34,6 +34,8 @@ __all__ = [
     "derived",
     "linear_act",
     "linear_add",
+    "linear_add_cpu",
+    "linear_act_cpu",
     "prepack",
     "scaled_linear_act",
     "train_linear",
@@ -86,10 +88,11 @@ def _inplace_act(y: torch.Tensor, act: str) -> torch.Tensor:
         return F.silu(y, inplace=True)
     if act == "hardswish":
         return F.hardswish(y, inplace=True)
-    if act == "gelu":
-        return torch.ops.aten.gelu_(y, approximate="none")
-    if act == "gelu_tanh":
-        return torch.ops.aten.gelu_(y, approximate="tanh")
+    if act in ("gelu", "gelu_tanh"):
+        approximate = "none" if act == "gelu" else "tanh"
+        if torch.compiler.is_compiling():
+            return torch.ops.aten.gelu_(y, approximate=approximate)
+        return torch._C._nn.gelu_(y, approximate=approximate)  # the Python binding: no torch.ops call overhead
     raise ValueError(f"unknown activation {act!r}")
 
 
@@ -125,18 +128,38 @@ def _time(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
+_PICK_MIN_SECONDS = 2e-3  # time each candidate for at least this long in total (tiny GEMMs: many rounds)
+_PICK_MAX_ROUNDS = 25
+
+
 def _pick(key: tuple, runs: dict) -> str:
-    """Time each candidate (name -> zero-argument callable; the first is the baseline, aten) once, keep the fastest
-    for ``key``. A candidate that raises RuntimeError (oneDNN without bfloat16 support on this CPU, ...) is out."""
+    """Time the candidates (name -> zero-argument callable; the first is the baseline, aten), keep the fastest for
+    ``key``. Rounds alternate between the candidates (a load change on a shared machine hits each alike): at least
+    :data:`_TIMING_REPEATS` rounds, more - up to :data:`_PICK_MAX_ROUNDS` - until each candidate has run for
+    :data:`_PICK_MIN_SECONDS`; each candidate's median counts. A candidate that raises RuntimeError (oneDNN without
+    bfloat16 support on this CPU, ...) is out."""
     baseline = next(iter(runs))
-    timings = {baseline: float("inf")} if len(runs) > 1 else {baseline: 0.0}
+    live = {}
     for name, run in runs.items():
         try:
             run()  # warm-up (oneDNN creates its primitive here)
-            timings[name] = _time(run)
         except RuntimeError:
             continue
-    best = min(timings, key=timings.get)
+        live[name] = run
+    if len(live) <= 1:
+        best = next(iter(live), baseline)
+        _CHOICES[key] = best
+        return best
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for round_ in range(_PICK_MAX_ROUNDS):
+        for name, run in live.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+        if round_ + 1 >= _TIMING_REPEATS and all(sum(t) >= _PICK_MIN_SECONDS for t in times.values()):
+            break
+    medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    best = min(medians, key=medians.get)
     _CHOICES[key] = best
     return best
 
@@ -158,7 +181,12 @@ def linear_act(
             # cuBLASLt's GELU (tanh form) / ReLU epilogue: the activation inside the GEMM
             return torch._addmm_activation(bias, x, weight.t(), use_gelu=act == "gelu_tanh")
         return _aten(x, weight, bias, act, packed)
-    key = (x.shape[0], x.shape[1], weight.shape[0], act, x.dtype, x.device.type, torch.get_num_threads())
+    return linear_act_cpu(x, weight, bias, act, packed)
+
+
+def linear_act_cpu(x, weight, bias, act, packed=None) -> torch.Tensor:
+    """:func:`linear_act` for a caller that has checked: CPU tensors, not under torch.compile."""
+    key = (x.shape[0], x.shape[1], weight.shape[0], act, x.dtype, "cpu", torch.get_num_threads())
     provider = _CHOICES.get(key) or _choose(key, x, weight, bias, act, packed)
     return _RUN[provider](x, weight, bias, act, packed)
 
@@ -254,7 +282,12 @@ def linear_add(
     in-place add) or ``onednn`` (one ``_linear_pointwise.binary`` call, the add as a post-op, on packed weights)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return _aten_add(x, weight, bias, other, packed)
-    key = ("add", x.shape[0], x.shape[1], weight.shape[0], x.dtype, x.device.type, torch.get_num_threads())
+    return linear_add_cpu(x, weight, bias, other, packed)
+
+
+def linear_add_cpu(x, weight, bias, other, packed=None) -> torch.Tensor:
+    """:func:`linear_add` for a caller that has checked: CPU tensors, not under torch.compile."""
+    key = ("add", x.shape[0], x.shape[1], weight.shape[0], x.dtype, "cpu", torch.get_num_threads())
     provider = _CHOICES.get(key)
     if provider is None:
         runs = {"aten": lambda: _aten_add(x, weight, bias, other, packed)}
@@ -369,24 +402,31 @@ def train_linear_backward(
 _DERIVED: dict[tuple, tuple] = {}
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+def _stamps(tensors: tuple) -> tuple:
+    # data_ptr: another storage (.to(), .data = ..., load_state_dict(assign=True)); _version: in-place updates;
+    # dtype: a reinterpretation of the same storage. Raises RuntimeError for inference tensors (no version counter).
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
 def derived(tag: str, tensors: tuple, build):
-    """``build()`` - something computed from ``tensors`` (packed or folded weights) - cached per process until one of
-    the tensors changes: another tensor object, another storage / dtype / shape, or an in-place update (an optimizer
-    step, ``load_state_dict``, ``copy_``: the version counter moves). Entries go when a tensor they read is freed.
-    Inference tensors (no version counter) and ``torch.compile`` get ``build()`` every call."""
-    present = [t for t in tensors if t is not None]
-    if torch.compiler.is_compiling() or any(t.is_inference() for t in present):
+    """``build()`` - something computed from ``tensors`` (packed or folded weights; it must not hold a reference to
+    them) - cached per process until one of the tensors changes: another tensor object, another storage or dtype, or
+    an in-place update (an optimizer step, ``load_state_dict``, ``copy_``: the version counter moves). An entry goes
+    when a tensor it reads is freed. Inference tensors (no version counter) and ``torch.compile`` get ``build()``
+    every call."""
+    if torch.compiler.is_compiling():
         return build()
-    key = (tag, *(id(t) if t is not None else None for t in tensors))
-    stamp = tuple(_stamp(t) if t is not None else None for t in tensors)
+    try:
+        stamp = _stamps(tensors)
+    except RuntimeError:  # an inference tensor
+        return build()
+    key = (tag, *map(id, tensors))
     entry = _DERIVED.get(key)
-    if entry is not None and entry[0] == stamp and all(ref() is t for ref, t in zip(entry[1], present)):
-        return entry[2]
+    if entry is not None and entry[0] == stamp:
+        refs = entry[1]
+        if all(t is None or ref() is t for ref, t in zip(refs, tensors)):
+            return entry[2]
     value = build()
-    refs = tuple(weakref.ref(t, lambda _, key=key: _DERIVED.pop(key, None)) for t in present)
+    refs = tuple(None if t is None else weakref.ref(t, lambda _, key=key: _DERIVED.pop(key, None)) for t in tensors)
     _DERIVED[key] = (stamp, refs, value)
     return value

@@ -499,9 +499,9 @@ def test_repacked_after_load_state_dict():
 
 
 def test_derived_weights_are_released_with_the_weights():
-    weight, bias = torch.randn(12, 6), torch.randn(12)
+    weight, bias, weight2 = torch.randn(12, 6), torch.randn(12), torch.randn(6, 12)
     with torch.no_grad():
-        PF.mlp(torch.randn(3, 6), weight, bias, torch.randn(6, 12), None)
+        PF.mlp(torch.randn(3, 6), weight, bias, weight2, None)
     keys = [k for k in gemm._DERIVED if id(weight) in k]
     assert keys
     del weight

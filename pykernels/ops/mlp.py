@@ -63,6 +63,16 @@ def _as_matrix(name: str, w: torch.Tensor) -> tuple[int, int]:
     )
 
 
+def _tensor_reasons(name: str, t, shape, device) -> str | None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return f"{name} must be a floating-point torch.Tensor or None, got {type(t).__name__}"
+    if t.shape != shape:
+        return f"{name} must have shape {list(shape)}, got {list(t.shape)}"
+    if t.device != device:
+        return f"{name} is on {t.device} but x is on {device}; put them on one device"
+    return None
+
+
 def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, norm=None) -> None:
     """Raise TypeError / ValueError, saying what is supported, unless the arguments are an MLP call mlp computes."""
     for name, t in (("x", x), ("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
@@ -78,46 +88,31 @@ def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortc
         raise ValueError(f"x has {x.shape[-1]} features (last dim) but fc1_weight takes {in_features}")
     if hidden2 != hidden:
         raise ValueError(f"fc1 gives {hidden} features but fc2_weight takes {hidden2}")
-    ln_weight, ln_bias, ln_eps = norm if norm is not None else (None, None, 0.0)
-    if not float(ln_eps) >= 0.0:
-        raise ValueError(f"ln_eps must be >= 0, got {ln_eps}")
-    expected = {
-        "fc1_bias": (hidden,),
-        "fc2_bias": (out_features,),
-        "gamma": (out_features,),
-        "ln_weight": (in_features,),
-        "ln_bias": (in_features,),
-    }
-    for name, t in (
-        ("fc1_bias", fc1_bias),
-        ("fc2_bias", fc2_bias),
-        ("gamma", gamma),
-        ("shortcut", shortcut),
-        ("ln_weight", ln_weight),
-        ("ln_bias", ln_bias),
+    device = x.device
+    for name, t in (("fc1_weight", fc1_weight), ("fc2_weight", fc2_weight)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; put them on one device")
+    if norm is not None:
+        ln_weight, ln_bias, ln_eps = norm
+        if not float(ln_eps) >= 0.0:
+            raise ValueError(f"ln_eps must be >= 0, got {ln_eps}")
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            why = None if t is None else _tensor_reasons(name, t, (in_features,), device)
+            if why:
+                raise (TypeError if why.endswith("got " + type(t).__name__) else ValueError)(why)
+    for name, t, shape in (
+        ("fc1_bias", fc1_bias, (hidden,)),
+        ("fc2_bias", fc2_bias, (out_features,)),
+        ("gamma", gamma, (out_features,)),
+        ("shortcut", shortcut, None),
     ):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor or None, got {type(t).__name__}")
-        want = expected.get(name, (*x.shape[:-1], out_features))
-        if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape {list(want)}, got {list(t.shape)}")
-    for name, t in (
-        ("fc1_weight", fc1_weight),
-        ("fc1_bias", fc1_bias),
-        ("fc2_weight", fc2_weight),
-        ("fc2_bias", fc2_bias),
-        ("gamma", gamma),
-        ("shortcut", shortcut),
-        ("ln_weight", ln_weight),
-        ("ln_bias", ln_bias),
-    ):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
-    reasons = act_reasons(act)
-    if reasons:
-        raise ValueError(reasons[0])
+        why = _tensor_reasons(name, t, (*x.shape[:-1], out_features) if shape is None else shape, device)
+        if why:
+            raise (TypeError if why.endswith("got " + type(t).__name__) else ValueError)(why)
+    if act not in ACTS:
+        raise ValueError(act_reasons(act)[0])
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------------
@@ -125,15 +120,30 @@ def check_args(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortc
 
 def _fused_ok(x: torch.Tensor, tensors) -> bool:
     """The fused paths take one dtype and device for every tensor, no autocast, no tracing by torch.compile."""
-    if torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda"):
+    if torch.compiler.is_compiling():
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    if x.is_cpu:
+        device_type = "cpu"
+    elif x.is_cuda:
+        device_type = "cuda"
+    else:
         return False
-    return all(t.dtype == x.dtype and t.device == x.device for t in tensors if t is not None)
+    if torch.is_autocast_enabled(device_type):
+        return False
+    dtype, device = x.dtype, x.device
+    for t in tensors:
+        if t is not None and (t.dtype != dtype or t.device != device):
+            return False
+    return True
 
 
 def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def mlp(
@@ -152,25 +162,27 @@ def mlp(
     ``scale`` the (B,) DropPath multipliers or None; ``norm`` (weight, bias, eps) of the LayerNorm or None) on the
     inference, training or reference path (see the module docstring). Returns ``(..., N)``, contiguous, x's dtype."""
     ln_weight, ln_bias, ln_eps = norm if norm is not None else (None, None, 0.0)
-    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut, ln_weight, ln_bias)
-    if not _fused_ok(x, tensors + (scale,)):
+    tensors = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, shortcut, ln_weight, ln_bias, scale)
+    if not _fused_ok(x, tensors):
         return reference_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, shortcut, scale, norm)
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, x.shape[-1])
+    in_features = x.shape[-1]
+    out_features = fc2_weight.shape[0]
+    rows = x.reshape(-1, in_features)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    out_features = fc2_weight.shape[0]
-    short = None if shortcut is None else shortcut.reshape(-1, out_features)
-    if short is not None and not short.is_contiguous():
-        short = short.contiguous()
+    short = None
+    if shortcut is not None:
+        short = shortcut.reshape(-1, out_features)
+        if not short.is_contiguous():
+            short = short.contiguous()
     if scale is not None:
         scale = scale.reshape(-1)
     if _needs_grad(tensors):
         out = _MlpFunction.apply(
             rows,
-            fc1_weight.flatten(1),
+            fc1_weight if fc1_weight.dim() == 2 else fc1_weight.flatten(1),
             fc1_bias,
-            fc2_weight.flatten(1),
+            fc2_weight if fc2_weight.dim() == 2 else fc2_weight.flatten(1),
             fc2_bias,
             gamma,
             short,
@@ -183,9 +195,11 @@ def mlp(
         )
     else:
         if norm is not None:
-            rows = torch.nn.functional.layer_norm(rows, (rows.shape[1],), ln_weight, ln_bias, ln_eps)
+            rows = torch.nn.functional.layer_norm(rows, (in_features,), ln_weight, ln_bias, ln_eps)
         out = _inference(rows, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gamma, short, scale)
-    return out.view(*lead, out_features)
+    if x.dim() == 2:
+        return out
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _epilogue_(y: torch.Tensor, shortcut: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
@@ -207,35 +221,33 @@ def _pack(weight: torch.Tensor, rows: int):
     return gemm.prepack(weight.detach(), rows) if weight.device.type == "cpu" else None
 
 
-def _fc1_weights(w1: torch.Tensor, rows: int):
-    """(fc1 weight (H, K), its packed form or None)."""
-    w = w1.flatten(1)
-    return w, gemm.derived("mlp.pack", (w1,), lambda: _pack(w, rows))
+def _prepared(w1, w2, b2, gamma, rows: int):
+    """(fc1's packed weight, fc2's weight and bias with gamma folded in - None without gamma -, fc2's packed weight),
+    cached until one of the weights changes (never a reference to the weights themselves: the cache entry goes with
+    them)."""
 
-
-def _fc2_weights(w2: torch.Tensor, b2: torch.Tensor | None, gamma: torch.Tensor | None, rows: int):
-    """(fc2 weight with gamma folded in, bias with gamma folded in, packed weight or None)."""
-    if gamma is None:
-        w = w2.flatten(1)
-        return w, b2, gemm.derived("mlp.pack", (w2,), lambda: _pack(w, rows))
-
-    def fold():
+    def build():
         with torch.no_grad():
-            w = (w2.flatten(1) * gamma[:, None]).contiguous()
-            b = None if b2 is None else b2 * gamma
-        return w, b, _pack(w, rows)
+            w2g = b2g = None
+            if gamma is not None:  # gamma * (a W2^T + b2) = a (diag(gamma) W2)^T + gamma * b2
+                w2g = (w2.flatten(1) * gamma[:, None]).contiguous()
+                b2g = None if b2 is None else b2 * gamma
+            packed2 = _pack(w2.flatten(1) if w2g is None else w2g, rows)
+            return _pack(w1.flatten(1), rows), w2g, b2g, packed2
 
-    return gemm.derived("mlp.fold_gamma", (w2, b2, gamma), fold)
+    return gemm.derived("mlp", (w1, w2, b2, gamma), build)
 
 
 def _inference(x, w1, b1, w2, b2, act, gamma, shortcut, scale):
-    rows = x.shape[0]
-    w1m, packed1 = _fc1_weights(w1, rows)
-    hidden = gemm.linear_act(x, w1m, b1, act, packed1)
-    w2m, b2m, packed2 = _fc2_weights(w2, b2, gamma, rows)
+    packed1, w2g, b2g, packed2 = _prepared(w1, w2, b2, gamma, x.shape[0])
+    w1m = w1 if w1.dim() == 2 else w1.flatten(1)
+    w2m, b2m = (w2 if w2.dim() == 2 else w2.flatten(1), b2) if gamma is None else (w2g, b2g)
+    cpu = x.is_cpu  # (not under torch.compile: the caller checked)
+    hidden = (gemm.linear_act_cpu if cpu else gemm.linear_act)(x, w1m, b1, act, packed1)
     if shortcut is not None and scale is None:
-        return gemm.linear_add(hidden, w2m, b2m, shortcut, packed2)
-    return _epilogue_(gemm.linear_act(hidden, w2m, b2m, "none", packed2), shortcut, scale)
+        return (gemm.linear_add_cpu if cpu else gemm.linear_add)(hidden, w2m, b2m, shortcut, packed2)
+    y = (gemm.linear_act_cpu if cpu else gemm.linear_act)(hidden, w2m, b2m, "none", packed2)
+    return _epilogue_(y, shortcut, scale)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
@@ -248,8 +260,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    w, packed = _fc1_weights(weight, rows.shape[0])
-    return gemm.linear_act(rows, w, bias, act, packed).view(*x.shape[:-1], weight.shape[0])
+    packed = gemm.derived("linear", (weight,), lambda: _pack(weight, rows.shape[0]))
+    return gemm.linear_act(rows, weight, bias, act, packed).view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- training: one autograd node, the pre-activation saved once -------------------------------------------------

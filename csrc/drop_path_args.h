@@ -46,14 +46,15 @@ inline void check_data_dtypes(const char* op, const std::vector<std::pair<const 
     any_double |= named.second == at::kDouble;
     all_double &= named.second == at::kDouble;
   }
+  const bool ok = any_double ? all_double : std::all_of(tensors.begin(), tensors.end(), [](const auto& named) {
+    return is_reduced_or_float(named.second);
+  });
+  if (ok) return;  // the message is built only when it is raised (this check runs on every call)
   std::string found;
   for (const auto& named : tensors) {
     found += std::string(found.empty() ? "" : ", ") + named.first + "=" + c10::toString(named.second);
   }
-  TORCH_CHECK(any_double ? all_double : std::all_of(tensors.begin(), tensors.end(), [](const auto& named) {
-    return is_reduced_or_float(named.second);
-  }),
-              op, ": unsupported dtypes (", found,
+  TORCH_CHECK(false, op, ": unsupported dtypes (", found,
               "): supported are float16, bfloat16 and float32 in any combination, or all float64");
 }
 
@@ -138,7 +139,9 @@ inline void check_scale_gamma(const char* op, const c10::optional<at::Tensor>& s
 
 // scale / gamma in the compute dtype, flat and contiguous (they are tiny); undefined when absent.
 inline at::Tensor flat_in(const c10::optional<at::Tensor>& t, at::ScalarType compute) {
-  return t.has_value() ? t->reshape(-1).to(compute).contiguous() : at::Tensor();
+  if (!t.has_value()) return at::Tensor();
+  if (t->dim() == 1 && t->scalar_type() == compute && t->is_contiguous()) return *t;  // as it comes: no op to call
+  return t->reshape(-1).to(compute).contiguous();
 }
 
 // Calls f(TypeTag<T>{}) with T the C++ type of a float16 / bfloat16 / float32 data tensor.

@@ -133,6 +133,12 @@ def select_backend(q: torch.Tensor, *others: torch.Tensor | None, backend: str |
     return OP.select(q.device, dtypes, backend, head_dim=int(q.shape[-1]))
 
 
+def _seed(seed: torch.Tensor, dropout_p: float) -> int:
+    """The dropout seed for the kernels; without dropout no kernel reads it, and reading it (``.item()``) costs a
+    device sync on CUDA and a few us anywhere."""
+    return int(seed) if dropout_p > 0.0 else 0
+
+
 # ---- pykernels::attention ------------------------------------------------------------------------------------------
 
 
@@ -156,7 +162,7 @@ def attention(
 def _fwd_body(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
     """The body of pykernels::attention (also run directly by :func:`attention_call`)."""
     fwd, _ = OP.kernels(select_backend(q, k, v, backend=backend))
-    return fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, int(seed))
+    return fwd(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, _seed(seed, dropout_p))
 
 
 def _fwd_fake(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None):
@@ -248,7 +254,19 @@ def _bwd_body(
     need_grad_bias = need_grad_bias and bias is not None
     _, bwd = OP.kernels(select_backend(q, k, v, backend=backend))
     dq, dk, dv, dbias = bwd(
-        grad_out, q, k, v, out, lse, bias, key_padding_mask, causal, scale, dropout_p, int(seed), need_grad_bias
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        key_padding_mask,
+        causal,
+        scale,
+        dropout_p,
+        _seed(seed, dropout_p),
+        need_grad_bias,
     )
     # contiguous outputs (the Triton launcher hands back three slices of one packed buffer for packed q, k, v:
     # custom-op outputs must not alias each other, and their strides must match the fake's). Costs one copy of

@@ -41,6 +41,7 @@ def _additive_mask(bias, key_padding_mask, dtype, batch, n_k):
 
 
 _CPU_FLASH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
 def _cpu_flash(q, dropout_p) -> bool:
@@ -70,7 +71,7 @@ def _cpu_flash_forward(q, k, v, bias, key_padding_mask, causal, scale):
     mask, is_causal = None, causal
     if bias is not None or key_padding_mask is not None:
         mask, is_causal = _sdpa_mask(bias, key_padding_mask, causal, q.dtype, batch, n_q, k.shape[1])
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+    out, lse = _FLASH_CPU(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=mask, scale=scale
     )
     return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim), lse

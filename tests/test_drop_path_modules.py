@@ -462,8 +462,13 @@ def test_swap_include_exclude():
     m = pykernels.swap(copy.deepcopy(model), include=["drop_path"]).model
     assert len(m.pykernels_swapped) == n and drop_path_count(m) == []
 
-    m = pykernels.swap(copy.deepcopy(model), exclude=["drop_path", "convnext_block"]).model
+    m = pykernels.swap(copy.deepcopy(model), exclude=["drop_path", "convnext_block", "mlp"]).model
     assert m.pykernels_swapped == [] and len(drop_path_count(m)) == n
+
+    # with the blocks excluded, their Mlps are still a kind of their own; the DropPaths stay
+    m = pykernels.swap(copy.deepcopy(model), exclude=["drop_path", "convnext_block"]).model
+    assert m.pykernels_swapped and all(p.endswith(".mlp") for p in m.pykernels_swapped)
+    assert len(drop_path_count(m)) == n
 
     m = pykernels.swap(copy.deepcopy(model), include=[]).model
     assert m.pykernels_swapped == [] and len(drop_path_count(m)) == n

@@ -58,7 +58,8 @@ def draw_drop_path_scale(
         raise ValueError(f"rng must be 'bernoulli' (timm, torchvision) or 'uniform' (Hugging Face), got {rng!r}")
     if keep_prob > 0.0 and scale_by_keep:
         scale.div_(keep_prob)
-    return scale.reshape(-1).expand(batch)
+    scale = scale.reshape(-1)
+    return scale if mode == "row" else scale.expand(batch)  # row: already (batch,)
 
 
 def drop_path(

@@ -130,14 +130,16 @@ def _time(fn) -> float:
 
 _PICK_MIN_SECONDS = 2e-3  # time each candidate for at least this long in total (tiny GEMMs: many rounds)
 _PICK_MAX_ROUNDS = 25
+_PICK_MARGIN = 0.95  # another provider replaces the baseline only when at least 5% faster (timing noise)
 
 
 def _pick(key: tuple, runs: dict) -> str:
     """Time the candidates (name -> zero-argument callable; the first is the baseline, aten), keep the fastest for
     ``key``. Rounds alternate between the candidates (a load change on a shared machine hits each alike): at least
     :data:`_TIMING_REPEATS` rounds, more - up to :data:`_PICK_MAX_ROUNDS` - until each candidate has run for
-    :data:`_PICK_MIN_SECONDS`; each candidate's median counts. A candidate that raises RuntimeError (oneDNN without
-    bfloat16 support on this CPU, ...) is out."""
+    :data:`_PICK_MIN_SECONDS`; each candidate's median counts, and another candidate replaces the baseline only when
+    it is :data:`_PICK_MARGIN` faster (a wrong pick from timing noise costs at most that much). A candidate that raises
+    RuntimeError (oneDNN without bfloat16 support on this CPU, ...) is out."""
     baseline = next(iter(runs))
     live = {}
     for name, run in runs.items():
@@ -160,6 +162,8 @@ def _pick(key: tuple, runs: dict) -> str:
             break
     medians = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     best = min(medians, key=medians.get)
+    if baseline in medians and medians[best] > _PICK_MARGIN * medians[baseline]:
+        best = baseline
     _CHOICES[key] = best
     return best
 

@@ -326,6 +326,13 @@ def _aten_train_bwd(grad, x, weight, need_input, need_weight, need_bias):
     )
 
 
+def _conv_grad_input(grad, weight):
+    """grad @ weight (M, K) as the 1x1 convolution of the grad rows with weight^T."""
+    n, k = weight.shape
+    y = F.conv2d(_rows_as_image(grad), weight.t().contiguous().view(k, n, 1, 1))
+    return y.permute(0, 2, 3, 1).reshape(grad.shape[0], k)
+
+
 def _conv_train_fwd(x, weight, bias):
     y = F.conv2d(_rows_as_image(x), weight.view(*weight.shape, 1, 1), bias)
     return y.permute(0, 2, 3, 1).reshape(x.shape[0], weight.shape[0])  # a view when oneDNN kept channels-last
@@ -333,6 +340,8 @@ def _conv_train_fwd(x, weight, bias):
 
 def _conv_train_bwd(grad, x, weight, need_input, need_weight, need_bias):
     n, k = weight.shape
+    if x is None:  # only grad_input (the caller has no x yet)
+        return _conv_grad_input(grad, weight), None, (grad.sum(0) if need_bias else None)
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         _rows_as_image(grad),
         _rows_as_image(x),
@@ -395,7 +404,8 @@ def train_linear_backward(
     need_bias: bool,
     provider: str,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(grad @ weight, grad^T @ x, grad.sum(0)) - those asked for, None for the others - on ``provider``."""
+    """(grad @ weight, grad^T @ x, grad.sum(0)) - those asked for, None for the others - on ``provider``. ``x`` may
+    be None when ``need_weight`` is False."""
     if not (need_input or need_weight or need_bias):
         return None, None, None
     return _TRAIN_RUN[provider][1](grad.contiguous(), x, weight, need_input, need_weight, need_bias)

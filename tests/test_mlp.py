@@ -261,6 +261,8 @@ def test_providers_agree_with_the_formula():
         assert_close_scaled(gw, grad.double().t() @ x64, 2e-6, f"{name} grad weight")
         assert_close_scaled(gb, grad.double().sum(0), 2e-6, f"{name} grad bias")
         assert bwd(grad, x, w, False, True, False)[0] is None
+        gi_alone = bwd(grad, None, w, True, False, False)[0]  # grad input before x is at hand (fc2 in backward)
+        assert_close_scaled(gi_alone, grad.double() @ w64, 2e-6, f"{name} grad input alone")
 
 
 # ---- 2. DropPath: timm's mask under the same seed ----------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 from pykernels import gemm
 from pykernels._dtypes import dtype_name
 from pykernels.reference import mlp as reference_mlp
-from pykernels.reference.mlp import ACTS, activation, activation_backward
+from pykernels.reference.mlp import ACTS, activation, activation_backward, activation_out
 
 __all__ = ["ACTS", "act_reasons", "check_args", "linear", "mlp"]
 
@@ -314,10 +314,34 @@ class _MlpFunction(torch.autograd.Function):
         need_gw = need_w2 or need_gamma
         need_gb = need_b2 or (need_gamma and b2 is not None)
         grad_w2 = grad_b2 = grad_gamma = grad_x = grad_w1 = grad_b1 = grad_ln_weight = grad_ln_bias = None
-        if need_hidden or need_gw or need_gb:
-            a = activation(h, ctx.act) if ctx.act != "none" else h
-            w2s = w2 if gamma is None else w2 * gamma[:, None]
-            grad_a, gw, gb = gemm.train_linear_backward(g, a, w2s, need_hidden, need_gw, need_gb, provider2)
+        w2s = w2 if gamma is None else w2 * gamma[:, None]
+        free = None  # an (M, H) buffer no longer needed: act(h) is recomputed into it (no new allocation)
+        if need_hidden:
+            # fc1's side first: grad_a = g W2s, grad_h = grad_a * act'(h) (in place), then fc1's gradients
+            grad_a = gemm.train_linear_backward(g, None, w2s, True, False, False, provider2)[0]
+            grad_h = activation_backward(grad_a, h, ctx.act)
+            xn = x
+            if ctx.has_norm:  # recomputed: the same kernel on the same input gives the forward's values
+                xn = torch.native_layer_norm(x, [x.shape[1]], ln_weight, ln_bias, ctx.ln_eps)[0]
+            grad_x, grad_w1, grad_b1 = gemm.train_linear_backward(grad_h, xn, w1, need_x, need_w1, need_b1, provider1)
+            del xn
+            if ctx.has_norm and grad_x is not None:
+                grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
+                    grad_x,
+                    x,
+                    [x.shape[1]],
+                    mean,
+                    rstd,
+                    ln_weight,
+                    ln_bias,
+                    [ctx.needs_input_grad[0], need_ln_weight, need_ln_bias],
+                )
+            free = grad_h if grad_h.is_contiguous() and grad_h is not h else None
+            del grad_a, grad_h
+        if need_gw or need_gb:
+            # fc2's weight / bias (and gamma's) gradients: G = g^T act(h), sum_m g
+            a = activation_out(h, ctx.act, free) if need_gw else None
+            _, gw, gb = gemm.train_linear_backward(g, a, w2s, False, need_gw, need_gb, provider2)
             del a
             if gamma is None:
                 grad_w2, grad_b2 = gw, gb
@@ -330,29 +354,6 @@ class _MlpFunction(torch.autograd.Function):
                     grad_gamma = (gw * w2).sum(1)
                     if b2 is not None:
                         grad_gamma += gb * b2
-            if need_hidden:
-                if ctx.act == "none" and grad_a is not None:
-                    grad_h = grad_a
-                else:
-                    grad_h = activation_backward(grad_a, h, ctx.act)
-                xn = x
-                if ctx.has_norm:  # recomputed: the same kernel on the same input gives the forward's values
-                    xn = torch.native_layer_norm(x, [x.shape[1]], ln_weight, ln_bias, ctx.ln_eps)[0]
-                grad_x, grad_w1, grad_b1 = gemm.train_linear_backward(
-                    grad_h, xn, w1, need_x, need_w1, need_b1, provider1
-                )
-                del xn
-                if ctx.has_norm and grad_x is not None:
-                    grad_x, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
-                        grad_x,
-                        x,
-                        [x.shape[1]],
-                        mean,
-                        rstd,
-                        ln_weight,
-                        ln_bias,
-                        [ctx.needs_input_grad[0], need_ln_weight, need_ln_bias],
-                    )
         return (
             grad_x,
             grad_w1,

@@ -30,6 +30,20 @@ def activation(h: torch.Tensor, act: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {act!r}; supported: {', '.join(ACTS)}")
 
 
+def activation_out(h: torch.Tensor, act: str, out: torch.Tensor | None) -> torch.Tensor:
+    """``act(h)`` written into ``out`` (a free buffer of h's shape and dtype; None: a new tensor)."""
+    if out is None or act == "none":
+        return activation(h, act)
+    if act in ("gelu", "gelu_tanh"):
+        approximate = "none" if act == "gelu" else "tanh"
+        return torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
+    if act == "relu":
+        return torch.clamp_min(h, 0, out=out)
+    if act == "silu":
+        return torch.ops.aten.silu.out(h, out=out)
+    raise ValueError(f"unknown activation {act!r}; supported: {', '.join(ACTS)}")
+
+
 def activation_backward(grad: torch.Tensor, h: torch.Tensor, act: str) -> torch.Tensor:
     """``grad * act'(h)`` with ATen's backward kernels, written into ``grad`` (a temporary of the caller's)."""
     if act in ("gelu", "gelu_tanh"):

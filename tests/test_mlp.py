@@ -756,3 +756,50 @@ def test_cuda_matches_float64(act):
     assert_close_scaled(got.cpu(), want, 1e-5, "training")
     for name, g in grads.items():
         assert_close_scaled(g.cpu(), want_grads[name], 1e-5, f"grad {name}")
+
+
+# ---- 8. per-thread scratch buffers (hidden tensors above 1 MiB) -------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["aten", "onednn"])
+def test_workspace_hidden_tensor(provider, force_provider):
+    """A hidden tensor big enough for gemm.workspace: results as the formula, an earlier output untouched by a later
+    call, training (act(h) and the hidden gradient in the buffer) as the formula, and threads each with their own."""
+    if provider == "onednn" and not onednn_runs():
+        pytest.skip("oneDNN is not available in this torch build")
+    force_provider(provider)
+    case = make_case((2, 150, 32), 1024, 32, True, True, True, seed=8)
+    assert gemm.workspace((300, 1024), case["x"]) is not None
+    other = make_case((2, 150, 32), 1024, 32, True, False, True, seed=9)
+    with torch.no_grad():
+        first = PF.mlp(*(case[n] for n in ORDER[:5]), gamma=case["gamma"], shortcut=case["shortcut"])
+        kept = first.clone()
+        second = PF.mlp(*(other[n] for n in ORDER[:5]), shortcut=other["shortcut"])
+    zeros = torch.zeros(2, 150, 32, dtype=torch.float64)
+    assert torch.equal(first, kept)
+    assert_close_scaled(first, oracle(case, "gelu", zeros)[0], 2e-6, "first")
+    assert_close_scaled(second, oracle(other, "gelu", zeros)[0], 2e-6, "second")
+    grad = torch.randn(2, 150, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got, grads = run(case, "gelu", PF.mlp, grad)
+    want, want_grads = oracle(case, "gelu", grad)
+    assert_close_scaled(got, want, 2e-6, "training output")
+    for name, g in grads.items():
+        assert_close_scaled(g, want_grads[name], 2e-5, f"grad {name}")
+
+    import threading
+
+    results = {}
+
+    def worker(name, c):
+        with torch.no_grad():
+            for _ in range(3):
+                results[name] = PF.mlp(*(c[n] for n in ORDER[:5]), gamma=c["gamma"], shortcut=c["shortcut"])
+
+    threads = [threading.Thread(target=worker, args=(n, c)) for n, c in (("a", case), ("b", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(results["a"], kept)
+    assert_close_scaled(results["b"], oracle(other, "gelu", zeros)[0], 2e-6, "thread b")
+    gemm.release_workspaces()

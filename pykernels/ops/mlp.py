@@ -242,12 +242,17 @@ def _inference(x, w1, b1, w2, b2, act, gamma, shortcut, scale):
     packed1, w2g, b2g, packed2 = _prepared(w1, w2, b2, gamma, x.shape[0])
     w1m = w1 if w1.dim() == 2 else w1.flatten(1)
     w2m, b2m = (w2 if w2.dim() == 2 else w2.flatten(1), b2) if gamma is None else (w2g, b2g)
-    cpu = x.is_cpu  # (not under torch.compile: the caller checked)
-    hidden = (gemm.linear_act_cpu if cpu else gemm.linear_act)(x, w1m, b1, act, packed1)
+    if x.is_cpu:  # (not under torch.compile: the caller checked)
+        # the hidden activation never leaves this function: a per-thread buffer (no fresh pages to fault in)
+        ws = gemm.workspace((x.shape[0], w1m.shape[0]), x)
+        hidden = gemm.linear_act_cpu(x, w1m, b1, act, packed1, ws)
+        if shortcut is not None and scale is None:
+            return gemm.linear_add_cpu(hidden, w2m, b2m, shortcut, packed2)
+        return _epilogue_(gemm.linear_act_cpu(hidden, w2m, b2m, "none", packed2), shortcut, scale)
+    hidden = gemm.linear_act(x, w1m, b1, act, packed1)
     if shortcut is not None and scale is None:
-        return (gemm.linear_add_cpu if cpu else gemm.linear_add)(hidden, w2m, b2m, shortcut, packed2)
-    y = (gemm.linear_act_cpu if cpu else gemm.linear_act)(hidden, w2m, b2m, "none", packed2)
-    return _epilogue_(y, shortcut, scale)
+        return gemm.linear_add(hidden, w2m, b2m, shortcut, packed2)
+    return _epilogue_(gemm.linear_act(hidden, w2m, b2m, "none", packed2), shortcut, scale)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
@@ -280,7 +285,8 @@ class _MlpFunction(torch.autograd.Function):
         provider1 = gemm.train_provider(xn, w1, b1)
         h = gemm.train_linear(xn, w1, b1, provider1)
         del xn
-        a = activation(h, act) if act != "none" else h
+        # act(h) only feeds fc2 here: a per-thread buffer (gemm.workspace) rather than fresh pages
+        a = activation_out(h, act, gemm.workspace(h.shape, h)) if act != "none" else h
         w2s, b2s = w2, b2
         if gamma is not None:  # gamma * (a W2^T + b2) = a (diag(gamma) W2)^T + gamma * b2
             w2s = w2 * gamma[:, None]
@@ -318,7 +324,11 @@ class _MlpFunction(torch.autograd.Function):
         free = None  # an (M, H) buffer no longer needed: act(h) is recomputed into it (no new allocation)
         if need_hidden:
             # fc1's side first: grad_a = g W2s, grad_h = grad_a * act'(h) (in place), then fc1's gradients
-            grad_a = gemm.train_linear_backward(g, None, w2s, True, False, False, provider2)[0]
+            ws = gemm.workspace((g.shape[0], w2s.shape[1]), g) if provider2 == "aten" else None
+            if ws is not None:  # the (M, H) gradient in the per-thread buffer
+                grad_a = torch.mm(g, w2s, out=ws)
+            else:
+                grad_a = gemm.train_linear_backward(g, None, w2s, True, False, False, provider2)[0]
             grad_h = activation_backward(grad_a, h, ctx.act)
             xn = x
             if ctx.has_norm:  # recomputed: the same kernel on the same input gives the forward's values

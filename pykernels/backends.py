@@ -397,7 +397,7 @@ def info() -> str:
     from pykernels import gemm
 
     lines.append("")
-    lines.append("GEMM providers (1x1 convs of the fused blocks' inference paths; chosen per shape by measurement):")
+    lines.append("GEMM providers (fused blocks' 1x1 convs and MLPs, eval and training; chosen per shape by timing):")
     chosen = gemm.choices()
     if not chosen:
         lines.append("  none measured yet in this process (each shape is timed on both providers at its first call)")

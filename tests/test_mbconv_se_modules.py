@@ -334,6 +334,24 @@ def test_refold_after_weight_and_statistic_changes():
     same()
 
 
+def test_deepcopy_and_pickle_after_eval():
+    """A block that has run in eval holds folded (maybe oneDNN-packed) weights: deepcopy (timm's ModelEma does it)
+    and pickling still work, and the copy computes the same."""
+    import io
+    import pickle
+
+    ours, twin = _block_pair("ir_e6_k3_s1")
+    ours.eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        want = ours(x)
+        for clone in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+            torch.testing.assert_close(clone(x), want)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    assert ours._folded, "the original keeps its cache"
+
+
 def test_drop_path_draws_the_same_mask_as_timm():
     kwargs, kind = BLOCKS["ir_e6_k3_s1"]
     twin = _timm_twin(kwargs, kind)

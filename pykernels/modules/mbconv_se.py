@@ -706,7 +706,7 @@ class _ScaledProjection(torch.autograd.Function):
         ctx.save_for_backward(z, s, weight)
         zs = (z * s[:, None, :]).flatten(0, 1)
         ctx.provider = gemm.train_provider(zs, weight, None)
-        return gemm.train_linear(zs, weight, None, ctx.provider).view(z.shape[0], z.shape[1], -1)
+        return gemm.train_linear(zs, weight, None, ctx.provider).view(z.shape[0], z.shape[1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
@@ -825,6 +825,14 @@ class FusedMBConvSE(nn.Module):
         self._layout = _Layout("pykernels", kind, paths, act, "none", padding_rule, stride, k, has_skip, se_cfg)
         self.backend = backend
         self._folded: dict = {}
+
+    def __getstate__(self):
+        """Pickling and ``copy.deepcopy`` (timm's ModelEma, ``swap(dry_run=True)``) leave the folded-weight cache
+        behind: it may hold oneDNN-packed tensors, which have no storage to copy, and it is keyed to this module's own
+        tensors anyway (the copy folds its own on first use)."""
+        state = dict(super().__getstate__())
+        state["_folded"] = {}
+        return state
 
     # ---- conversion ------------------------------------------------------------------------------------------------
 
@@ -981,11 +989,11 @@ class FusedMBConvSE(nn.Module):
             flat = rows.reshape(batch * height * width, rows.shape[3])
             weight, bias, packed = self._folded_weights(key, conv, bn, flat.shape[0])
             y = gemm.linear_act(flat, weight, bias, act, packed)
-            return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
+            return y.view(batch, height, width, y.shape[-1]).permute(0, 3, 1, 2)
         batch, height, width, _ = rows.shape
         flat = rows.reshape(batch * height * width, rows.shape[3])
         y = _Linear.apply(flat, conv.weight.flatten(1), conv.bias)
-        return self._batch_norm_act(y.view(batch, height, width, -1).permute(0, 3, 1, 2), bn, act)
+        return self._batch_norm_act(y.view(batch, height, width, y.shape[-1]).permute(0, 3, 1, 2), bn, act)
 
     def _regular_conv_bn(self, x, conv, bn, act, fast):
         lay = self._layout
@@ -1001,7 +1009,7 @@ class FusedMBConvSE(nn.Module):
 
     def _batch_norm_act(self, y, bn, act):
         """act(BN(y)) saving only y for backward (the BatchNorm output is recomputed there)."""
-        if act == "none" or not torch.is_grad_enabled():
+        if act == "none" or not torch.is_grad_enabled() or y.numel() == 0:  # empty: F.batch_norm's no-op
             return _activation(self._batch_norm(y, bn), act)
         factor = _bn_factor(bn) if bn.training else None
         return _BatchNormAct.apply(
@@ -1055,20 +1063,20 @@ class FusedMBConvSE(nn.Module):
             weight, bias, packed = self._folded_weights("proj", conv, bn, batch * height * width)
             other = None
             if residual is not None:  # (B, H*W, C_out) rows: a view for a channels-last residual, else one copy
-                other = residual.permute(0, 2, 3, 1).contiguous().view(batch, height * width, -1)
+                other = residual.permute(0, 2, 3, 1).contiguous().view(batch, height * width, residual.shape[1])
             if scale is None:
                 flat = rows.reshape(batch * height * width, rows.shape[3])
                 if other is None:
                     y = gemm.linear_act(flat, weight, bias, act, packed)
                 else:
-                    y = gemm.linear_add(flat, weight, bias, other.view(flat.shape[0], -1), packed)
+                    y = gemm.linear_add(flat, weight, bias, other.view(flat.shape[0], other.shape[-1]), packed)
             else:  # z is this block's own temporary here: the SE scale may be applied to it in place
                 flat = rows.reshape(batch, height * width, rows.shape[3])
                 y = gemm.scaled_linear_act(flat, scale, weight, bias, act, packed, other)
-            return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
+            return y.view(batch, height, width, y.shape[-1]).permute(0, 3, 1, 2)
         weight = conv.weight.flatten(1)
         if scale is not None:
-            flat = rows.reshape(rows.shape[0], -1, rows.shape[3])
+            flat = rows.reshape(rows.shape[0], rows.shape[1] * rows.shape[2], rows.shape[3])
             y = _ScaledProjection.apply(flat, scale, weight).view(*rows.shape[:3], weight.shape[0])
             if conv.bias is not None:
                 y = y + conv.bias

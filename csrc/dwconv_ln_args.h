@@ -89,6 +89,8 @@ inline void check_x(const char* op, const at::Tensor& x, bool allow_double) {
               ": x must be float16, bfloat16, float32", allow_double ? " or float64" : " (float64 only on the CPU)",
               ", got ", dtype_name(x.scalar_type()));
   TORCH_CHECK(x.size(1) >= 1, op, ": x has 0 channels: LayerNorm over channels needs C >= 1");
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, op,
+              ": x must have H, W >= 1 (a convolution over an empty image), got shape ", x.sizes());
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": x (sizes ", x.sizes(),
               ", strides ", x.strides(),
               ") must be NCHW-contiguous or channels_last-contiguous (call .contiguous() or "

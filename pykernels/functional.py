@@ -382,8 +382,8 @@ def mbconv_se(
         bool(training),
         backend,
     )
-    if training and momentum is not None and running_mean is not None:
-        count = x.shape[0] * out_h * out_w
+    count = x.shape[0] * out_h * out_w
+    if training and momentum is not None and running_mean is not None and count > 0:  # no values: as F.batch_norm
         with torch.no_grad():
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             unbiased = var * (count / max(count - 1, 1))

@@ -258,8 +258,8 @@ def _scale_then_gemm(z, s, weight, bias, act, packed, other=None):
     if other is None:
         y = linear_act(flat, weight, bias, act, packed)
     else:
-        y = linear_add(flat, weight, bias, other.reshape(flat.shape[0], -1), packed)
-    return y.view(z.shape[0], z.shape[1], -1)
+        y = linear_add(flat, weight, bias, other.reshape(flat.shape[0], other.shape[-1]), packed)
+    return y.view(z.shape[0], z.shape[1], y.shape[-1])
 
 
 def _per_sample_weights(z, s, weight, bias, act, packed, other=None):

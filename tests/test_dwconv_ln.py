@@ -566,6 +566,7 @@ def _rule_cases():
         "x_dim": (torch.randn(4, 5, 5), w, None, None, None, EPS),
         "x_dtype": (x.int(), w.int(), None, None, None, EPS),
         "x_no_channels": (torch.randn(2, 0, 3, 3), torch.randn(0, 1, 3, 3), None, None, None, EPS),
+        "x_no_pixels": (torch.randn(2, 4, 0, 5), w, None, None, None, EPS),
         "weight_not_depthwise": (x, torch.randn(4, 2, 7, 7), None, None, None, EPS),
         "weight_not_square": (x, torch.randn(4, 1, 7, 5), None, None, None, EPS),
         "weight_3d": (x, torch.randn(4, 7, 7), None, None, None, EPS),

@@ -79,6 +79,8 @@ def check_args(x, weight, conv_bias, ln_weight, ln_bias, eps) -> None:
     channels = x.shape[1]
     if channels == 0:
         raise ValueError("x has 0 channels: LayerNorm over channels needs C >= 1")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must have H, W >= 1 (a convolution over an empty image), got shape {list(x.shape)}")
     if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         raise ValueError(
             f"weight must be a depthwise conv weight of shape (C, 1, k, k) (nn.Conv2d(C, C, k, groups=C).weight), "

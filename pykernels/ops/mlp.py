@@ -208,7 +208,7 @@ def _epilogue_(y: torch.Tensor, shortcut: torch.Tensor | None, scale: torch.Tens
         return y if shortcut is None else y.add_(shortcut)
     batch = scale.shape[0]
     per_sample = scale.view(batch, 1, 1)
-    y3 = y.view(batch, -1, y.shape[1])
+    y3 = y.view(batch, y.shape[0] // batch if batch else 0, y.shape[1])  # (no -1: B = 0 must work too)
     if shortcut is None:
         return y3.mul_(per_sample).view_as(y)
     return torch.addcmul(shortcut.view_as(y3), y3, per_sample).view_as(y)
@@ -315,7 +315,9 @@ class _MlpFunction(torch.autograd.Function):
         # g = dL/dy, y = a (diag(gamma) W2)^T + gamma * b2 (the DropPath scale applied, gamma folded in the weight)
         g = grad_out
         if scale is not None:
-            g = (grad_out.view(scale.shape[0], -1, grad_out.shape[1]) * scale.view(-1, 1, 1)).view_as(grad_out)
+            batch = scale.shape[0]
+            per = grad_out.shape[0] // batch if batch else 0
+            g = (grad_out.view(batch, per, grad_out.shape[1]) * scale.view(-1, 1, 1)).view_as(grad_out)
         need_hidden = need_x or need_w1 or need_b1
         need_gw = need_w2 or need_gamma
         need_gb = need_b2 or (need_gamma and b2 is not None)

@@ -43,6 +43,7 @@ candidate must not raise); otherwise it is skipped with the reason. ``verify=Fal
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -128,6 +129,12 @@ def _mbconv_probe(m: nn.Module):
     return None
 
 
+def _mlp_probe(m: nn.Module):
+    if _mlp.is_structural_match(m):
+        return (_like(m, 2, 5, m.fc1.in_features),)
+    return None
+
+
 def _attention_probe(m: nn.Module):
     if _attention.is_structural_match(m):
         return (_like(m, 2, 5, m.q_proj.in_features),)
@@ -152,7 +159,7 @@ CONVERTERS: list[Converter] = [
         FusedMBConvSE.from_module,
         _mbconv_probe,
     ),
-    Converter("mlp", _mlp.is_candidate, _mlp.unsupported_reasons, FusedMlp.from_module),
+    Converter("mlp", _mlp.is_candidate, _mlp.unsupported_reasons, FusedMlp.from_module, _mlp_probe),
     Converter("drop_path", _is_drop_path, lambda m: [], DropPath.from_module, _drop_path_probe, probe_train=True),
     # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path)
     Converter(
@@ -164,6 +171,28 @@ CONVERTERS: list[Converter] = [
         default=False,
     ),
 ]
+
+
+# Layers that look like a kind by their class name but that no converter knows: reported as skipped (never passed over
+# in silence), unless a module around them was already replaced or reported
+_LOOKS_LIKE = {
+    "convnext_block": re.compile(r"(ConvNe[Xx]t\w*(Block|Layer)|CNBlock)$"),
+    "mbconv": re.compile(r"(InvertedResidual|MBConv|EdgeResidual|DepthwiseSeparableConv|EfficientNetBlock)$"),
+    "mlp": re.compile(r"(Mlp|MLP|MLPBlock|Intermediate)$"),
+    "drop_path": re.compile(r"(DropPath|StochasticDepth)$"),
+    "attention": re.compile(r"Attention$"),
+}
+
+
+def _unknown_reason(kind: str, m: nn.Module) -> str:
+    name = type(m).__name__
+    if kind == "mlp" and name.endswith("Intermediate"):
+        return (
+            "an MLP split into *Intermediate (fc1 + activation) and *Output (fc2 + dropout + residual) modules: "
+            "not converted"
+        )
+    where = f"{type(m).__module__}.{name}"
+    return f"no pykernels counterpart for this {where} layout (docs/coverage.md lists the known ones)"
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------
@@ -296,9 +325,11 @@ def swap(
             continue
         for child_name, child in list(parent.named_children()):
             path = f"{parent_name}.{child_name}" if parent_name else child_name
+            matched = False
             for conv in active:
                 if not conv.candidate(child):
                     continue
+                matched = True
                 reasons = conv.reasons(child)
                 if reasons:
                     report.skipped.append(Skipped(path, type(child).__name__, conv.kind, "; ".join(reasons)))
@@ -327,6 +358,14 @@ def swap(
                         report.replaced.append(Replaced(norm_path, old_norm, "MlpPreNorm", conv.kind))
                         done.append(norm_path)
                 break
+            if not matched and not type(child).__module__.startswith("pykernels."):
+                accounted = [r.path for r in report.replaced] + [r.path for r in report.skipped]
+                if not any(path.startswith(a + ".") for a in accounted):
+                    for conv in active:
+                        if _LOOKS_LIKE[conv.kind].search(type(child).__name__):
+                            reason = _unknown_reason(conv.kind, child)
+                            report.skipped.append(Skipped(path, type(child).__name__, conv.kind, reason))
+                            break
     if not dry_run:
         model.pykernels_swapped = [r.path for r in report.replaced]
     if verbose:

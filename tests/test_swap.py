@@ -1,6 +1,7 @@
 """pykernels.swap: the report (replaced / skipped with reasons), dry runs, idempotency, the probe verification of
-structure-matched modules, and models it must leave working (Hugging Face Swin and BEiT used to break: their window /
-relative-position biases were dropped by a structure match)."""
+structure-matched modules, and models it must leave working or convert exactly (Hugging Face Swin and BEiT used to
+break: their window / relative-position biases were dropped by a structure match; BEiT is now converted, Swin
+skipped)."""
 
 from __future__ import annotations
 
@@ -44,18 +45,39 @@ def _tiny_vit():
     return transformers.ViTModel(config).eval()
 
 
-@pytest.mark.parametrize("make", [_tiny_swin, _tiny_beit], ids=["swin", "beit"])
-def test_swap_leaves_models_it_cannot_compute_working(make):
-    """HF Swin / BEiT attention share ViT's layout but add biases FusedMHSA would drop: skipped, with the reason, and
-    the model computes what it computed before."""
-    model = make()
+def test_beit_attention_with_relative_position_bias_is_swapped():
+    """HF BEiT: the layer adds its relative-position bias to the additive mask it hands the attention (which
+    FusedViTAttention takes as its score bias); k_proj has no bias (zeros in the packed one). Converted, verified,
+    the same output, and the state_dict keys of the original both ways."""
+    model = _tiny_beit()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()  # zeros at init would hide a dropped bias
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x).last_hidden_state
+    swapped = copy.deepcopy(model)
+    report = pykernels.swap(swapped, include=["attention"])
+    assert [r.new for r in report.replaced] == ["FusedViTAttention"] * 2 and report.skipped == []
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+    assert set(swapped.state_dict()) == set(model.state_dict())
+    copy.deepcopy(model).load_state_dict(swapped.state_dict(), strict=True)
+    swapped.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_swap_leaves_models_it_cannot_compute_working():
+    """HF Swin attention shares ViT's layout but adds a window bias and shift mask FusedMHSA would drop: skipped,
+    with the reason, and the model computes what it computed before."""
+    model = _tiny_swin()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         want = model(x).last_hidden_state
     report = pykernels.swap(model, include=["attention"])
     assert isinstance(report, SwapReport) and report.model is model
     assert report.replaced == [] and len(report.skipped) == 2
-    assert all(s.kind == "attention" and s.reason for s in report.skipped)
+    assert all(s.kind == "attention" and "window attention" in s.reason for s in report.skipped)
     with torch.no_grad():
         torch.testing.assert_close(model(x).last_hidden_state, want)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from pykernels import backends
 from pykernels import functional as F
+from pykernels.modules._keys import rename_keys
 from pykernels.ops import attention as _attention_ops
 from pykernels.ops import mlp as _mlp_ops
 
@@ -211,6 +212,7 @@ def is_candidate(module: nn.Module) -> bool:
         or _is_timm_attention(module)
         or _seeds_kind(module) is not None
         or _is_hf_vit_attention(module)
+        or type(module).__name__ in KNOWN_UNSUPPORTED  # reported as skipped, with the reason
     )
 
 
@@ -235,13 +237,18 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
         return _timm_unsupported(module)
     if _seeds_kind(module) is not None:
         return []
+    if type(module).__name__ in KNOWN_UNSUPPORTED:
+        return [KNOWN_UNSUPPORTED[type(module).__name__]]
     if _is_hf_vit_attention(module):
-        heads = getattr(module, "num_attention_heads", None)
+        heads = _hf_heads(module)
         dim = module.q_proj.in_features
         if heads is None:
-            return ["no num_attention_heads attribute"]
+            return ["no num_attention_heads / num_heads attribute"]
         if heads * module.head_dim != dim:
             return [f"heads x head_dim = {heads} x {module.head_dim} != hidden size {dim}"]
+        shapes = {tuple(module.get_submodule(n).weight.shape) for n in ("q_proj", "k_proj", "v_proj")}
+        if shapes != {(dim, dim)} or tuple(_hf_out_proj(module).weight.shape) != (dim, dim):
+            return ["q / k / v / output projections are not all hidden size -> hidden size"]
         if getattr(module, "is_causal", False):
             return ["causal attention"]
         return []
@@ -290,10 +297,48 @@ def _from_packed(cls, qkv: nn.Linear, out: nn.Linear, heads: int, backend: str |
     return new
 
 
+def _hf_out_proj(m: nn.Module) -> nn.Linear | None:
+    """The output Linear of a Hugging Face attention layer: ``o_proj`` (ViT, BEiT, Dinov2, ...) or ``out_proj``
+    (CLIP, SigLIP)."""
+    for name in ("o_proj", "out_proj"):
+        layer = getattr(m, name, None)
+        if isinstance(layer, nn.Linear):
+            return layer
+    return None
+
+
+def _hf_out_name(m: nn.Module) -> str:
+    return "o_proj" if isinstance(getattr(m, "o_proj", None), nn.Linear) else "out_proj"
+
+
+def _hf_heads(m: nn.Module) -> int | None:
+    heads = getattr(m, "num_attention_heads", getattr(m, "num_heads", None))
+    return heads if isinstance(heads, int) else None
+
+
 def _is_hf_vit_attention(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and (
-        hasattr(m, "head_dim")
+    """Hugging Face's attention layout: separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears, an output Linear
+    (``o_proj`` or ``out_proj``) and a ``head_dim``; the call ``forward(hidden_states, attention_mask=None, **kw)``."""
+    return (
+        all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj"))
+        and _hf_out_proj(m) is not None
+        and hasattr(m, "head_dim")
     )
+
+
+# attention layers whose maths FusedMHSA does not compute (yet): matched by class name, skipped with this reason
+_WINDOW_ATTENTION = (
+    "window attention (a relative-position bias per window and the shifted-window mask, computed inside the layer): "
+    "FusedMHSA does not compute it yet"
+)
+KNOWN_UNSUPPORTED = {
+    "WindowAttention": _WINDOW_ATTENTION,  # timm Swin
+    "ShiftedWindowAttention": _WINDOW_ATTENTION,  # torchvision Swin
+    "ShiftedWindowAttentionV2": _WINDOW_ATTENTION + " (with Swin-V2's cosine attention)",
+    "SwinAttention": _WINDOW_ATTENTION,  # Hugging Face Swin
+    "Swinv2Attention": _WINDOW_ATTENTION + " (with Swin-V2's cosine attention)",
+    "DonutSwinAttention": _WINDOW_ATTENTION,
+}
 
 
 def _dropout_p(mod) -> float:
@@ -340,33 +385,40 @@ def _from_timm(cls, m: nn.Module, backend: str | None) -> FusedMHSA:
 
 
 def _from_hf_vit(m: nn.Module, backend: str | None) -> FusedViTAttention:
+    """Hugging Face attention -> FusedViTAttention: ``qkv.weight = cat(q, k, v)``, ``proj = o_proj / out_proj``. A
+    projection without a bias (BEiT's ``k_proj``) gets zeros in the packed bias when another has one; for ``k`` that
+    slice's gradient is 0 (a key bias adds the same ``q . b_k`` to every score of a query row)."""
+    reasons = unsupported_reasons(m)
+    if reasons:
+        raise TypeError(f"FusedViTAttention cannot stand in for this {type(m).__name__}: {'; '.join(reasons)}")
     dim = m.q_proj.in_features
-    heads = int(getattr(m, "num_attention_heads", dim // m.head_dim))
-    if heads * m.head_dim != dim or m.o_proj.out_features != dim:
-        raise TypeError(f"FusedViTAttention needs heads * head_dim == hidden size; got {heads} x {m.head_dim} != {dim}")
-    if getattr(m, "is_causal", False):
-        raise TypeError("causal Hugging Face attention is not supported by from_module")
-    has_bias = m.q_proj.bias is not None
+    heads = _hf_heads(m)
+    out_proj = _hf_out_proj(m)
+    projections = (m.q_proj, m.k_proj, m.v_proj)
+    has_bias = any(p.bias is not None for p in projections)
+    dropout = getattr(m, "attention_dropout", getattr(m, "dropout", 0.0))
     new = FusedViTAttention(
         dim,
         heads,
         has_bias,
-        float(getattr(m, "attention_dropout", 0.0) or 0.0),
+        float(dropout) if isinstance(dropout, (int, float)) else _dropout_p(dropout),
         0.0,
         False,
-        float(getattr(m, "scaling", m.head_dim**-0.5)),
+        float(getattr(m, "scaling", getattr(m, "scale", m.head_dim**-0.5))),
         backend,
     )
-    if m.o_proj.bias is None:
+    if out_proj.bias is None:
         new.proj = nn.Linear(dim, dim, bias=False)
     new = new.to(m.q_proj.weight)
+    new.use_hf_state_dict_keys(_hf_out_name(m), tuple(p.bias is not None for p in projections))
     with torch.no_grad():
-        new.qkv.weight.copy_(torch.cat([m.q_proj.weight, m.k_proj.weight, m.v_proj.weight], 0))
+        new.qkv.weight.copy_(torch.cat([p.weight for p in projections], 0))
         if has_bias:
-            new.qkv.bias.copy_(torch.cat([m.q_proj.bias, m.k_proj.bias, m.v_proj.bias], 0))
-        new.proj.weight.copy_(m.o_proj.weight)
-        if m.o_proj.bias is not None:
-            new.proj.bias.copy_(m.o_proj.bias)
+            biases = [p.bias if p.bias is not None else p.weight.new_zeros(dim) for p in projections]
+            new.qkv.bias.copy_(torch.cat(biases))
+        new.proj.weight.copy_(out_proj.weight)
+        if out_proj.bias is not None:
+            new.proj.bias.copy_(out_proj.bias)
     return new
 
 
@@ -392,6 +444,20 @@ class FusedViTAttention(FusedMHSA):
     broadcastable to (B, H, N, N), or a bool mask with True = attend (HF's SDPA convention).
     """
 
+    # the original's parameter names in state_dict(): (output Linear name, which of q / k / v had a bias); None: the
+    # packed names qkv / proj
+    _hf_keys: tuple[str, tuple[bool, bool, bool]] | None = None
+
+    def use_hf_state_dict_keys(self, out_name: str = "o_proj", biases: tuple[bool, bool, bool] = (True,) * 3) -> None:
+        """Save and load with the Hugging Face module's keys (``q_proj`` / ``k_proj`` / ``v_proj`` and ``o_proj`` or
+        ``out_proj``; a bias only where the original had one), so the swapped model's state_dict loads into the
+        original with ``strict=True`` and back. ``from_module`` turns this on; a checkpoint with the packed keys
+        (``qkv`` / ``proj``) still loads."""
+        if self._hf_keys is None:
+            self.register_state_dict_post_hook(_hf_attention_state_dict_hook)
+            self.register_load_state_dict_pre_hook(_hf_attention_load_hook)
+        self._hf_keys = (out_name, tuple(biases))
+
     def forward(self, hidden_states, attention_mask=None, **kwargs):  # noqa: D102
         if kwargs.get("output_attentions"):
             raise NotImplementedError("FusedViTAttention does not compute attention weights (output_attentions=True)")
@@ -401,6 +467,39 @@ class FusedViTAttention(FusedMHSA):
                 ~bias, float("-inf")
             )
         return super().forward(hidden_states, bias), None
+
+
+def _hf_attention_state_dict_hook(module, state_dict, prefix, local_metadata):
+    """qkv / proj -> q_proj / k_proj / v_proj / (o_proj | out_proj), as the Hugging Face module's state_dict."""
+    if module._hf_keys is None:
+        return
+    out_name, biases = module._hf_keys
+    weight = state_dict.pop(prefix + "qkv.weight")
+    bias = state_dict.pop(prefix + "qkv.bias", None)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        state_dict[prefix + f"{name}.weight"] = weight.chunk(3)[i].clone()  # no shared storage (safetensors)
+        if bias is not None and biases[i]:
+            state_dict[prefix + f"{name}.bias"] = bias.chunk(3)[i].clone()
+    for leaf in ("weight", "bias"):
+        if prefix + f"proj.{leaf}" in state_dict:
+            state_dict[prefix + f"{out_name}.{leaf}"] = state_dict.pop(prefix + f"proj.{leaf}")
+
+
+def _hf_attention_load_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """q_proj / k_proj / v_proj / (o_proj | out_proj) in a checkpoint -> qkv / proj (zeros for an absent bias)."""
+    if module._hf_keys is None or prefix + "q_proj.weight" not in state_dict:
+        return
+    out_name, biases = module._hf_keys
+    names = ("q_proj", "k_proj", "v_proj")
+    weights = [state_dict.pop(prefix + f"{n}.weight") for n in names]
+    state_dict[prefix + "qkv.weight"] = torch.cat(weights, 0)
+    if module.qkv.bias is not None:
+        parts = [state_dict.pop(prefix + f"{n}.bias", None) for n in names]
+        parts = [p if p is not None else w.new_zeros(w.shape[0]) for p, w in zip(parts, weights)]
+        state_dict[prefix + "qkv.bias"] = torch.cat(parts, 0)
+    for leaf in ("weight", "bias"):
+        if prefix + f"{out_name}.{leaf}" in state_dict:
+            state_dict[prefix + f"proj.{leaf}"] = state_dict.pop(prefix + f"{out_name}.{leaf}")
 
 
 class FusedMultiheadAttention(FusedMHSA):
@@ -462,6 +561,10 @@ class FusedMultiheadAttention(FusedMHSA):
             )
         new = cls(m.embed_dim, m.num_heads, m.dropout, m.in_proj_bias is not None, m.batch_first, backend)
         new = new.to(m.in_proj_weight)
+        # nn.MultiheadAttention's state_dict keys (in_proj_weight / in_proj_bias / out_proj.*)
+        keys = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias", "proj.weight": "out_proj.weight"}
+        keys["proj.bias"] = "out_proj.bias"
+        rename_keys(new, {own: (orig, tuple(p.shape)) for own, p in new.named_parameters() if (orig := keys.get(own))})
         with torch.no_grad():
             new.qkv.weight.copy_(m.in_proj_weight)
             if m.in_proj_bias is not None:

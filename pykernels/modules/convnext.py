@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pykernels import functional as PF
+from pykernels.modules._keys import keep_original_keys, rename_keys
 from pykernels.modules.drop_path import DropPath
 from pykernels.modules.dwconv_ln import check_kernel_size, conv_reasons
 
@@ -560,6 +561,10 @@ def _build(cls, parts: _Parts, module: nn.Module, backend: str | None) -> ConvNe
             dst.copy_(src.reshape(dst.shape))
             if isinstance(src, torch.Tensor) and not src.requires_grad:
                 dst.requires_grad_(False)
+    if parts.source != "pykernels":
+        keep_original_keys(new, module, pairs)  # the original's state_dict keys (torchvision, Hugging Face)
+    else:
+        rename_keys(new, getattr(module, "_pykernels_key_map", None) or {})
     new.train(module.training)
     if has_drop_path:
         new.drop_path.train(parts.drop_path.training)

@@ -3,8 +3,9 @@ blocks) as a drop-in module on :func:`pykernels.functional.mlp`: fc1 + bias + ac
 weights in inference, the hidden pre-activation saved once in training (see :mod:`pykernels.ops.mlp`).
 
 :class:`FusedMlp` stands in for timm's ``Mlp`` (``use_conv`` False and True), torchvision's ``MLPBlock`` / two-layer
-``MLP`` and Hugging Face's ``ViTMLP`` / ``Dinov2MLP``. :meth:`FusedMlp.from_module` keeps the original's own
-submodules, under their own names (``fc1`` / ``act`` / ``drop1`` / ``norm`` / ``fc2`` / ``drop2``, torchvision's
+``MLP`` and Hugging Face's ``ViTMLP`` / ``Dinov2MLP`` (and, verified by ``swap`` on a probe, other HF ``*MLP`` classes
+of that layout: ``SwinMLP``, ``BeitMLP``, ``CLIPMLP`` with a GELU). :meth:`FusedMlp.from_module` keeps the original's
+own submodules, under their own names (``fc1`` / ``act`` / ``drop1`` / ``norm`` / ``fc2`` / ``drop2``, torchvision's
 ``0`` ... ``4``, HF's ``fc1`` / ``activation_fn`` / ``fc2``): the state_dict keys do not change, and an optimizer built
 before the swap still holds the parameters the model trains. Variants it does not compute - a norm between the two
 layers, an activation outside :data:`pykernels.ops.mlp.ACTS`, other layer types - are refused with the reasons
@@ -83,9 +84,24 @@ def _source(m: nn.Module) -> str | None:
         return "timm"
     if cls.__module__.startswith("torchvision.") and cls.__name__ in ("MLPBlock", "MLP"):
         return "torchvision" if isinstance(m, nn.Sequential) else None
-    if cls.__module__.startswith("transformers.") and cls.__name__ in ("ViTMLP", "Dinov2MLP"):
+    if cls.__module__.startswith("transformers.") and (cls.__name__ in HF_EXACT or _hf_layout(m)):
         return "huggingface"
     return None
+
+
+# Hugging Face MLP classes known to compute fc2(act(fc1(x))) exactly; other transformers classes of the same layout
+# (fc1, activation_fn, fc2 and nothing else: SwinMLP, BeitMLP, CLIPMLP, ...) are matched by structure, and
+# ``pykernels.swap`` verifies them on a probe input before replacing them (:func:`is_structural_match`)
+HF_EXACT = ("ViTMLP", "Dinov2MLP")
+
+
+def _hf_layout(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("MLP") and set(dict(m.named_children())) == {"fc1", "activation_fn", "fc2"}
+
+
+def is_structural_match(module: nn.Module) -> bool:
+    """A Hugging Face MLP matched by its layout rather than its exact class (``swap`` verifies it on a probe)."""
+    return _source(module) == "huggingface" and type(module).__name__ not in HF_EXACT
 
 
 _LAYOUTS = {"timm": _TIMM, "torchvision": _TORCHVISION, "huggingface": _HF}
@@ -158,7 +174,10 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
         return []
     source = _source(module)
     if source is None:
-        return [f"{type(module).__name__} is not a known MLP layout (timm Mlp, torchvision MLPBlock, HF ViTMLP)"]
+        return [
+            f"{type(module).__name__} is not a known MLP layout (timm Mlp, torchvision MLPBlock / MLP, Hugging Face "
+            "*MLP with fc1 / activation_fn / fc2)"
+        ]
     return _reasons(module, source)
 
 
@@ -297,7 +316,8 @@ class FusedMlp(nn.Module):
         state_dict keys), in ``module``'s train/eval state.
 
         Accepts timm ``Mlp`` (``use_conv`` False / True; ``norm`` Identity), torchvision ``MLPBlock`` / ``MLP``
-        ``[Linear, activation, Dropout, Linear, Dropout]``, Hugging Face ``ViTMLP`` / ``Dinov2MLP``, and a
+        ``[Linear, activation, Dropout, Linear, Dropout]``, Hugging Face ``ViTMLP`` / ``Dinov2MLP`` (and other
+        ``*MLP`` classes made of ``fc1`` / ``activation_fn`` / ``fc2`` alone), and a
         ``FusedMlp`` (deep-copied). Activations: exact GELU, tanh-GELU, ReLU, SiLU, Identity.
 
         Raises:
@@ -310,7 +330,8 @@ class FusedMlp(nn.Module):
         if source is None:
             raise TypeError(
                 f"FusedMlp.from_module does not know {type(module).__module__}.{type(module).__name__}; supported: "
-                "timm Mlp, torchvision MLPBlock / MLP, Hugging Face ViTMLP / Dinov2MLP, FusedMlp"
+                "timm Mlp, torchvision MLPBlock / MLP, Hugging Face ViTMLP / Dinov2MLP (or an *MLP of fc1 / "
+                "activation_fn / fc2), FusedMlp"
             )
         reasons = _reasons(module, source)
         if reasons:

@@ -140,3 +140,13 @@ def test_report_lists_refused_variants_with_reasons():
     assert [r.path for r in report.replaced] == ["1"]
     assert report.skipped[0].path == "0" and "dilation" in report.skipped[0].reason
     assert "skipped" in str(report) and "dilation" in str(report)
+
+
+def test_fused_vit_attention_refuses_what_changes_the_maths():
+    """A cross-attention / KV-cache / rotary argument is never ignored: FusedViTAttention raises."""
+    attention = pykernels.FusedMHSA.from_module(_tiny_vit().get_submodule("layers.0.attention"))
+    x = torch.randn(1, 5, 32)
+    for name in ("key_value_states", "past_key_values", "position_embeddings"):
+        with pytest.raises(NotImplementedError, match=name):
+            attention(x, **{name: x})
+    assert attention(x)[0].shape == x.shape

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import torch
@@ -59,7 +60,7 @@ class FusedMHSA(nn.Module):
         causal: top-left causal mask (token i attends to tokens j <= i).
         scale: score scale, default ``D ** -0.5``.
         backend: ``"triton"`` or ``"torch"``; None chooses (CUDA: triton for supported head dims, else torch;
-            CPU: torch). The Triton kernel supports head dims 16, 32, 48, 64, 80, 96, 128, 256.
+            CPU: torch). The Triton kernel supports head dims that are multiples of 8 up to 256.
 
     Shape:
         ``forward(x (B, N, C), attn_bias=None, key_padding_mask=None) -> (B, N, C)``; ``attn_bias`` additive,
@@ -251,8 +252,42 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
             return ["q / k / v / output projections are not all hidden size -> hidden size"]
         if getattr(module, "is_causal", False):
             return ["causal attention"]
+        if getattr(module, "is_decoder", False):
+            return ["a decoder's attention (causal / cross-attention / KV cache)"]
+        extra = _hf_forward_extras(module)
+        if extra:
+            return [
+                f"its forward takes {', '.join(extra)} (cross-attention, a KV cache or rotary positions): "
+                "FusedViTAttention computes self-attention with an additive mask only"
+            ]
         return []
     return [f"{type(module).__name__} is not a known attention layout"]
+
+
+# forward parameters of Hugging Face attention layers that change what is computed (cross-attention, KV caches, rotary
+# or other position inputs): a layer whose forward takes one is not converted, and FusedViTAttention refuses them
+_HF_MATHS_KWARGS = (
+    "key_value_states",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "past_key_value",
+    "past_key_values",
+    "cache_position",
+    "position_embeddings",
+    "position_ids",
+    "position_bias",
+    "rotary_pos_emb",
+    "alibi",
+    "layer_past",
+)
+
+
+def _hf_forward_extras(module: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name in params if name in _HF_MATHS_KWARGS]
 
 
 def can_convert(module: nn.Module) -> bool:
@@ -461,6 +496,11 @@ class FusedViTAttention(FusedMHSA):
     def forward(self, hidden_states, attention_mask=None, **kwargs):  # noqa: D102
         if kwargs.get("output_attentions"):
             raise NotImplementedError("FusedViTAttention does not compute attention weights (output_attentions=True)")
+        given = [k for k in _HF_MATHS_KWARGS if kwargs.get(k) is not None]
+        if given:  # never a silently different result
+            raise NotImplementedError(
+                f"FusedViTAttention computes self-attention with an additive mask; it was called with {given}"
+            )
         bias = attention_mask
         if bias is not None and bias.dtype == torch.bool:
             bias = torch.zeros(bias.shape, dtype=hidden_states.dtype, device=bias.device).masked_fill(

@@ -17,9 +17,10 @@ is visited again):
   rounding, same DropPath mask in training mode). Variants it does not compute (ConvNeXt-V2's GRN, strided or
   channel-changing blocks, other activations) are skipped with the reason.
 * ``"mbconv"`` (default): timm ``InvertedResidual`` / ``DepthwiseSeparableConv`` / ``EdgeResidual``, torchvision
-  ``MBConv`` / ``FusedMBConv`` / MobileNet-V3 ``InvertedResidual``, Hugging Face ``EfficientNetBlock``, the seeds'
-  ``FusedMBConv`` -> :class:`pykernels.FusedMBConvSE`, which keeps the block's own submodules (state_dict keys
-  unchanged). Variants it does not compute (anti-aliasing, dilation, other norms or activations) are skipped.
+  ``MBConv`` / ``FusedMBConv`` / MobileNet-V3 ``InvertedResidual``, Hugging Face ``EfficientNetBlock`` /
+  ``MobileNetV2InvertedResidual``, the seeds' ``FusedMBConv`` -> :class:`pykernels.FusedMBConvSE`, which keeps the
+  block's own submodules (state_dict keys unchanged). Variants it does not compute (anti-aliasing, dilation, other
+  norms or activations) are skipped.
 * ``"mlp"`` (default): timm ``Mlp`` (``use_conv`` False / True), torchvision ``MLPBlock`` / two-layer ``MLP``, Hugging
   Face ``ViTMLP`` / ``Dinov2MLP`` -> :class:`pykernels.FusedMlp`, which keeps the original's submodules (state_dict
   keys unchanged): fc1 + bias + activation as one GEMM call in inference (oneDNN on packed weights where that was

@@ -55,7 +55,7 @@ MUST_REPLACE = {
     "hf_convnext": {"convnext_block": 4},
     "hf_convnextv2": {"drop_path": 3},
     "hf_efficientnet": {"mbconv": 10},
-    "hf_mobilenetv2": {},
+    "hf_mobilenetv2": {"mbconv": 10},
 }
 
 

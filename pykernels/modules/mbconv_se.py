@@ -18,7 +18,8 @@ statistics and ``num_batches_tracked`` updated in place.
 
 :meth:`FusedMBConvSE.from_module` converts, keeping the original's submodules (so its ``state_dict`` keys do not
 change): timm ``InvertedResidual``, ``DepthwiseSeparableConv``, ``EdgeResidual``; torchvision ``MBConv``,
-``FusedMBConv``, MobileNet-V3 ``InvertedResidual``; Hugging Face ``EfficientNetBlock``; the seeds' ``FusedMBConv``.
+``FusedMBConv``, MobileNet-V3 ``InvertedResidual``; Hugging Face ``EfficientNetBlock`` and
+``MobileNetV2InvertedResidual``; the seeds' ``FusedMBConv``.
 Variants it does not compute are refused with the reasons (:func:`unsupported_reasons`), never computed differently.
 """
 
@@ -521,6 +522,59 @@ def _hf_layout(m: nn.Module) -> _Layout | None:
     )
 
 
+def _hf_mobilenet_v2_layout(m: nn.Module) -> _Layout | None:
+    """Hugging Face ``MobileNetV2InvertedResidual``: three ``MobileNetV2ConvLayer`` (conv -> BatchNorm -> act, with
+    TensorFlow "SAME" padding in front of each conv when ``config.tf_padding``), no SE, a residual when
+    ``use_residual``."""
+    if type(m).__name__ != "MobileNetV2InvertedResidual" or not type(m).__module__.startswith("transformers."):
+        return None
+    problems = []
+    layers = {name: getattr(m, name, None) for name in ("expand_1x1", "conv_3x3", "reduce_1x1")}
+    if any(getattr(layer, "convolution", None) is None for layer in layers.values()):
+        return _Layout("huggingface MobileNetV2InvertedResidual", "ir", {}, None, problems=["unexpected layout"])
+    exp, dwl, red = layers.values()
+    paths = dict(
+        exp_conv="expand_1x1.convolution",
+        exp_bn="expand_1x1.normalization",
+        dw_conv="conv_3x3.convolution",
+        dw_bn="conv_3x3.normalization",
+        proj_conv="reduce_1x1.convolution",
+        proj_bn="reduce_1x1.normalization",
+    )
+    problems += _pointwise_problems(exp.convolution, "expand") + _pointwise_problems(red.convolution, "project")
+    dw = dwl.convolution
+    problems += _dw_problems(dw)
+    for role in ("exp_bn", "dw_bn", "proj_bn"):
+        problems += _bn_problems(_get(m, paths[role]), role.split("_")[0])
+    act = _act_name(dwl.activation)
+    if _act_name(exp.activation) != act:
+        problems.append("the expand and depthwise activations differ")
+    if red.activation is not None:
+        problems.append("an activation after the projection")
+    if act is None:
+        problems.append("an activation other than ReLU / ReLU6 / SiLU / Hardswish")
+    if getattr(getattr(m.expand_1x1, "config", None), "tf_padding", False):
+        padding = _Padding("tf_same")
+        if tuple(dw.padding) != (0, 0):
+            problems.append("tf_padding with a padded conv")
+    else:
+        padding, pad_problems = _conv_padding(dw)
+        problems += pad_problems
+    return _Layout(
+        "huggingface MobileNetV2InvertedResidual",
+        "ir",
+        paths,
+        act,
+        "none",
+        padding,
+        dw.stride[0],
+        dw.kernel_size[0],
+        bool(m.use_residual),
+        None,
+        problems,
+    )
+
+
 def _seeds_layout(m: nn.Module) -> _Layout | None:
     if type(m).__name__ != "FusedMBConv" or not all(hasattr(m, n) for n in ("fused", "se", "project", "skip")):
         return None
@@ -560,7 +614,7 @@ def _seeds_layout(m: nn.Module) -> _Layout | None:
 def _layout(m: nn.Module) -> _Layout | None:
     if isinstance(m, FusedMBConvSE):
         return None
-    for find in (_timm_layout, _torchvision_layout, _hf_layout, _seeds_layout):
+    for find in (_timm_layout, _torchvision_layout, _hf_layout, _hf_mobilenet_v2_layout, _seeds_layout):
         layout = find(m)
         if layout is not None:
             return layout
@@ -855,7 +909,8 @@ class FusedMBConvSE(nn.Module):
             raise TypeError(
                 f"FusedMBConvSE.from_module does not know {type(module).__module__}.{type(module).__name__}; "
                 "supported: timm InvertedResidual / DepthwiseSeparableConv / EdgeResidual, torchvision MBConv / "
-                "FusedMBConv / MobileNet-V3 InvertedResidual, Hugging Face EfficientNetBlock, the seeds' FusedMBConv"
+                "FusedMBConv / MobileNet-V3 InvertedResidual, Hugging Face EfficientNetBlock / "
+                "MobileNetV2InvertedResidual, the seeds' FusedMBConv"
             )
         if layout.problems:
             raise ValueError(

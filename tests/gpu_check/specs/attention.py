@@ -11,7 +11,8 @@ heaviest flags (bias + padding mask (+ dbias), dropout on and off) at head dims 
 in bf16 and 64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every
 candidate spills is marked
 xfail); the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
-preprocessing kernel at every head dim and dtype. Calibrating ``K.GATED_CONFIGS``: compile every candidate with
+preprocessing kernel at a head dim per padded tile and dtype; fp16 specs at head dims 8, 24, 72, 200 (multiples of
+8, not of 16: masked head-dim loads). Calibrating ``K.GATED_CONFIGS``: compile every candidate with
 ``_aot_specs(heavy=..., filter_configs=False, variations=False)`` (``aot.check`` on each) and keep the rows without
 spills.
 """
@@ -24,6 +25,9 @@ import torch
 
 from pykernels.ops import attention as ATTENTION_OP
 from pykernels.triton_kernels import attention as K
+
+# the preprocessing kernel's head dims: one per padded tile size, and multiples of 8 that are not of 16
+PREPROCESS_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 72, 96, 128, 200, 256)
 
 
 def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True) -> list[dict]:
@@ -193,7 +197,12 @@ def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True)
         for causal, bias, dropout in itertools.product((False, True), repeat=3):
             if variations and (causal, bias) != (False, True):
                 specs.append(make(kernel, kept(kernel, 64, f16, dropout)[0], f16, 64, causal, bias, False, dropout))
-    for dtype, head_dim in itertools.product((f16, bf16, f32), ATTENTION_OP.SUPPORTED_HEAD_DIMS if variations else ()):
+    # head dims that are multiples of 8 but not of 16 (masked loads on every padded tile size): the first kept config
+    # of each kernel with the heaviest flags, fp16
+    for head_dim in (8, 24, 72, 200) if variations else ():
+        for kernel in K.CONFIG_TABLES:
+            specs.append(make(kernel, kept(kernel, head_dim, f16, False)[0], f16, head_dim, False, True, True, False))
+    for dtype, head_dim in itertools.product((f16, bf16, f32), PREPROCESS_HEAD_DIMS if variations else ()):
         if dtype != f32 or head_dim <= ATTENTION_OP.FP32_MAX_HEAD_DIM:
             specs.append(preprocess(dtype, head_dim))
     return specs

@@ -12,7 +12,7 @@ WORKERS ?= 2
 PKGS   := torch torchvision triton timm transformers numpy ninja pybind11 setuptools \
           pytest pytest-xdist pytest-benchmark expecttest matplotlib ruff
 
-.PHONY: all setup build test unit gpu-check bench info lint clean
+.PHONY: all setup build test unit gpu-check fuzz coverage bench info lint clean
 
 all: test
 
@@ -44,6 +44,16 @@ unit: build
 # Ahead-of-time compile of every Triton kernel for sm_80 / sm_90 (no GPU needed; fails on spills / shared memory)
 gpu-check: build
 	PYKERNELS_GPU_CHECK=1 $(PY) -m pytest tests/gpu_check -n $(WORKERS) -q
+
+# Differential fuzzing, the long run (make test runs 6 cases per op and backend): seeded random configurations of every
+# op and backend against float64 oracles, forward and every gradient
+FUZZ_CASES ?= 400
+fuzz: build
+	PYKERNELS_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest tests/test_fuzz.py -n $(WORKERS) -q
+
+# Hugging Face layer types vs swap (reads ../shared/seeds/000_5b8ca7d65ec66c80.txt) -> docs/coverage.md
+coverage: build
+	$(PY) -m pykernels coverage --out docs/coverage.md
 
 # One progress line per case; bench/conftest.py runs bench/report.py at the end (same as `pytest --benchmark-only`)
 bench: build

@@ -46,6 +46,10 @@ _VIT_LIKE = dict(
     image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
 )
 
+_SWIN_LIKE = dict(
+    image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, drop_path_rate=0.1
+)
+
 # name: (builder, input shape)
 MODELS: dict[str, tuple] = {
     "timm_convnext_atto": (_timm("convnext_atto", drop_path_rate=0.1), (4, 3, 32, 32)),
@@ -68,34 +72,8 @@ MODELS: dict[str, tuple] = {
     "tv_swin": (_tv_swin, (4, 3, 32, 32)),
     "hf_vit": (_hf("ViTConfig", "ViTModel", **_VIT_LIKE), (4, 3, 32, 32)),
     "hf_dinov2": (_hf("Dinov2Config", "Dinov2Model", drop_path_rate=0.1, **_VIT_LIKE), (4, 3, 32, 32)),
-    "hf_swin": (
-        _hf(
-            "SwinConfig",
-            "SwinModel",
-            image_size=32,
-            patch_size=4,
-            embed_dim=16,
-            depths=[2, 2],
-            num_heads=[2, 2],
-            window_size=4,
-            drop_path_rate=0.1,
-        ),
-        (4, 3, 32, 32),
-    ),
-    "hf_swinv2": (
-        _hf(
-            "Swinv2Config",
-            "Swinv2Model",
-            image_size=32,
-            patch_size=4,
-            embed_dim=16,
-            depths=[2, 2],
-            num_heads=[2, 2],
-            window_size=4,
-            drop_path_rate=0.1,
-        ),
-        (4, 3, 32, 32),
-    ),
+    "hf_swin": (_hf("SwinConfig", "SwinModel", **_SWIN_LIKE), (4, 3, 32, 32)),
+    "hf_swinv2": (_hf("Swinv2Config", "Swinv2Model", **_SWIN_LIKE), (4, 3, 32, 32)),
     "hf_beit": (
         _hf("BeitConfig", "BeitModel", use_relative_position_bias=True, drop_path_rate=0.1, **_VIT_LIKE),
         (4, 3, 32, 32),

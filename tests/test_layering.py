@@ -23,6 +23,7 @@ LAYERS = {
     "pykernels.functional": 4,
     "pykernels.modules": 5,
     "pykernels.swap": 6,
+    "pykernels.coverage": 7,
     "pykernels.__main__": 7,
     "pykernels": 7,  # the package's __init__: public names
 }

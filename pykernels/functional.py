@@ -277,7 +277,7 @@ def attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     # the dropout seed: a one-element CPU tensor from torch's generator (no device sync, no graph break)
     seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
-    out, _ = _attention_ops.attention_call(
+    out = _attention_ops.attention_out_call(
         q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed, backend
     )
     return out.view(batch, n_q, heads, head_dim)

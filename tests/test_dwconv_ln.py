@@ -34,19 +34,7 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32 = allow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_per_xdist_worker():
-    """Under pytest-xdist every worker is its own process: one intra-op thread each, so that N workers on N cores do
-    not fight over 2N threads (tiny ops then cost a thread pool wake-up each). Single-process runs keep the default."""
-    import os
-
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_xdist_worker")
 
 
 EPS = 1e-6

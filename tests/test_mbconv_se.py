@@ -27,15 +27,7 @@ FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.f
 NAMES = ("out", "pooled", "grad_x", "grad_weight", "grad_conv_bias", "grad_bn_weight", "grad_bn_bias")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_per_xdist_worker():
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_xdist_worker")
 
 
 def require(backend, device, dtype=torch.float32):

@@ -11,7 +11,6 @@ weight changes, refusals, torch.compile and the memory saved for backward are ch
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -25,15 +24,7 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_per_xdist_worker():
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_xdist_worker")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 1) -> None:

@@ -54,6 +54,7 @@ def force_provider(monkeypatch):
 
     def force(name: str):
         monkeypatch.setattr(gemm, "_CHOICES", {})
+        monkeypatch.setattr(mlp_ops, "TINY_GEMM_MACS", 0)  # the tests' small GEMMs go through the providers too
         real = gemm._pick
 
         def pick(key, runs):
@@ -438,6 +439,16 @@ def test_fused_mhsa_projections_in_eval(force_provider):
     out, gx, gp = grads_of(ours, x)  # with autograd: plain nn.Linear
     ref, rx, rp = grads_of(original, x)
     assert_close_scaled(gx, rx, 2e-5)
+
+
+def test_tiny_linears_go_straight_to_aten(monkeypatch):
+    """Below TINY_GEMM_MACS no provider is chosen or packed (the bookkeeping would cost more than the GEMM)."""
+    monkeypatch.setattr(gemm, "_CHOICES", {})
+    x, w, b = torch.randn(2, 7, 24), torch.randn(72, 24), torch.randn(72)
+    assert x.numel() * w.shape[0] < mlp_ops.TINY_GEMM_MACS
+    with torch.no_grad():
+        torch.testing.assert_close(mlp_ops.linear(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
+    assert not gemm.choices()
 
 
 # ---- 4. packed weights follow the weights --------------------------------------------------------------------------

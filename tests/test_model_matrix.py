@@ -27,6 +27,8 @@ pytest.importorskip("timm")
 pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_xdist_worker")
+
 ALL_KINDS = ["convnext_block", "mbconv", "mlp", "drop_path", "attention"]
 # layer classes of the kinds swap handles, by name - written independently of swap's matching
 IN_SCOPE = re.compile(
@@ -150,14 +152,18 @@ def test_three_training_steps_match(name):
     )
     for w, g, n in zip(want_losses, got_losses, noise_losses):
         assert abs(g - w) <= max(2e-3 * abs(w), 4 * abs(n - w)) + 1e-6, (want_losses, got_losses, noise_losses)
+    floats = [k for k, a in want.items() if a.dtype.is_floating_point]
+    scale = {k: want[k].abs().max().item() for k in floats}
+    eager_noise = {k: (noise[k].float() - want[k].float()).abs().max().item() for k in floats}
+    # eager's worst relative drift over the whole model: one tensor's own drift can be small by chance
+    worst = max((eager_noise[k] / scale[k] for k in floats if scale[k] > 0), default=0.0)
     for key, a in want.items():
         b = got[key]
         if a.dtype.is_floating_point:
-            scale = a.abs().max().item()
-            eager_noise = (noise[key].float() - a.float()).abs().max().item()
             err = (b.float() - a.float()).abs().max().item()
+            allowed = max(2e-3 * scale[key], 4 * eager_noise[key], worst * scale[key])
             # floor: a parameter that barely moves (BEiT's zero k bias: its gradient is 0 up to rounding)
-            assert err <= max(2e-3 * scale, 4 * eager_noise) + 1e-6, f"{key}: {err:.3g} (eager's own {eager_noise:.3g})"
+            assert err <= allowed + 1e-6, f"{key}: {err:.3g} (eager's own {eager_noise[key]:.3g}, worst {worst:.3g})"
         else:
             assert torch.equal(a, b), key
 

@@ -34,6 +34,7 @@ import torch
 
 from pykernels import backends
 from pykernels.ops import _eager
+from pykernels.reference import attention as _reference
 
 # the Triton kernel's head dims: every multiple of 8 up to 256 (ViT-H 80, SigLIP2 72, ViT-g 88), padded inside the
 # kernel to a power-of-two tile (16 ... 256) with masked loads; and its float32 limit (wider float32 tiles spill
@@ -220,6 +221,19 @@ def attention_call(
     if route == _eager.AUTOGRAD:
         return _Attention.apply(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
     return attention(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
+
+
+def attention_out_call(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend=None) -> torch.Tensor:
+    """The output of pykernels::attention alone. In eager inference (nothing needs a gradient, no dropout) the torch
+    backend skips the logsumexp, which only backward reads (:func:`pykernels.reference.attention.attention_out`);
+    everything else is :func:`attention_call`."""
+    if dropout_p == 0.0 and _eager.route(q, k, v, bias, key_padding_mask, seed) == _eager.DIRECT:
+        name = select_backend(q, k, v, backend=backend)
+        fwd, _ = OP.kernels(name)
+        if name == "torch":
+            return _reference.attention_out(q, k, v, bias, key_padding_mask, causal, scale)
+        return fwd(q, k, v, bias, key_padding_mask, causal, scale, 0.0, 0)[0]
+    return attention_call(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)[0]
 
 
 # ---- pykernels::attention_backward ---------------------------------------------------------------------------------

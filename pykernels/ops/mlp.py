@@ -255,12 +255,18 @@ def _inference(x, w1, b1, w2, b2, act, gamma, shortcut, scale):
     return _epilogue_(gemm.linear_act(hidden, w2m, b2m, "none", packed2), shortcut, scale)
 
 
+# below this many multiply-adds (a 64 x 64 x 64 GEMM: microseconds) a linear goes straight to ATen: the provider cannot
+# matter there, and the provider / packed-weight bookkeeping in Python would be most of the call (FusedMHSA on
+# (1, 4, 64) tokens, per call: 1.6x timm's Attention without this shortcut, 1.3x with it)
+TINY_GEMM_MACS = 1 << 18
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none") -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` over the last dim: on the faster GEMM provider with cached packed weights
     when nothing needs a gradient (CPU / CUDA, one dtype, outside torch.compile and autocast), else plain ATen.
     ``weight`` must be the caller's parameter itself (the packed copy is cached under it)."""
     tensors = (x, weight, bias)
-    if not _fused_ok(x, tensors) or _needs_grad(tensors):
+    if x.numel() * weight.shape[0] < TINY_GEMM_MACS or not _fused_ok(x, tensors) or _needs_grad(tensors):
         return activation(torch.nn.functional.linear(x, weight, bias), act)
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():

@@ -175,6 +175,16 @@ def _torch_backward(grad_out, q, k, v, bias, key_padding_mask, causal, scale, dr
     return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv)) + (dbias,)
 
 
+def attention_out(q, k, v, bias, key_padding_mask, causal: bool, scale: float) -> torch.Tensor:
+    """out (B, Nq, H*D) alone, without dropout: eager inference, where no backward needs the logsumexp.
+    ``F.scaled_dot_product_attention`` picks ATen's kernel (the fused flash kernel at ViT sizes, as
+    :func:`attention_fwd`; the math kernel on tiny inputs, where the flash kernel's fixed cost is most of a call)."""
+    batch, n_q, heads, head_dim = q.shape
+    if n_q == 0 or k.shape[1] == 0:
+        return q.new_zeros((batch, n_q, heads * head_dim))
+    return _torch_forward(q, k, v, bias, key_padding_mask, causal, scale, 0.0, 0).contiguous()
+
+
 def attention_fwd(q, k, v, bias, key_padding_mask, causal: bool, scale: float, dropout_p: float, seed: int):
     """(out (B, Nq, H*D) contiguous, lse (B, H, Nq) float32) of the torch backend. Query rows whose keys are all
     masked give out 0 and lse -inf (as the Triton kernel); no key at all (Nk = 0) is such a row."""

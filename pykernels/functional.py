@@ -266,7 +266,7 @@ def attention(
         dropout_p: dropout on the attention probabilities, in [0, 1); its mask comes from torch's generator
             (``torch.manual_seed`` reproduces it) and is regenerated in backward, never stored.
         backend: ``"triton"`` or ``"torch"``; None chooses (CUDA: triton for its head dims, else torch; CPU: torch).
-            The Triton kernel takes head dims that are multiples of 8 up to 256 (float32 up to 64).
+            The Triton kernel takes head dims 8, 16, 24, 32, 48, 64, 80, 96, 128, 256 (float32 up to 64).
 
     Returns:
         ``(B, Nq, H, D)`` in q's dtype: a view of a contiguous ``(B, Nq, H * D)`` tensor (``.flatten(2)`` is free),

@@ -60,7 +60,7 @@ class FusedMHSA(nn.Module):
         causal: top-left causal mask (token i attends to tokens j <= i).
         scale: score scale, default ``D ** -0.5``.
         backend: ``"triton"`` or ``"torch"``; None chooses (CUDA: triton for supported head dims, else torch;
-            CPU: torch). The Triton kernel supports head dims that are multiples of 8 up to 256.
+            CPU: torch). The Triton kernel supports head dims 8, 16, 24, 32, 48, 64, 80, 96, 128, 256.
 
     Shape:
         ``forward(x (B, N, C), attn_bias=None, key_padding_mask=None) -> (B, N, C)``; ``attn_bias`` additive,

@@ -36,10 +36,11 @@ from pykernels import backends
 from pykernels.ops import _eager
 from pykernels.reference import attention as _reference
 
-# the Triton kernel's head dims: every multiple of 8 up to 256 (ViT-H 80, SigLIP2 72, ViT-g 88), padded inside the
-# kernel to a power-of-two tile (16 ... 256) with masked loads; and its float32 limit (wider float32 tiles spill
-# registers on sm_80 / sm_90: found by the AOT gate)
-SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
+# the Triton kernel's head dims, padded inside the kernel to a power-of-two tile (16 ... 256) with masked loads: those
+# the AOT gate compiles without register spills on sm_80 / sm_90. Other multiples of 8 were tried: 72 (SigLIP2) and
+# 200 spill in the forward, dq, dk/dv and preprocessing kernels (the head-dim masks of a tile that is not full), so
+# they run on PyTorch's SDPA. And the float32 limit (wider float32 tiles spill registers: found by the same gate)
+SUPPORTED_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 256)
 FP32_MAX_HEAD_DIM = 64
 
 # ---- argument rules ------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def head_dim_reasons(head_dim: int) -> list[str]:
         return []
     return [
         f"head dim {head_dim} not supported by the Triton attention kernel "
-        "(supported head dims: multiples of 8 from 8 to 256)"
+        f"(supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
     ]
 
 

@@ -1,20 +1,19 @@
-"""AOT specs of triton_kernels/attention.py, read by the ahead-of-time gate (tests/gpu_check/aot.py); not used at run
-time.
+"""AOT specs of triton_kernels/attention.py, read by the ahead-of-time gate (tests/gpu_check/aot.py); not used at
+run time.
 
-One dict per representative specialisation the launchers ``attention_fwd`` / ``attention_bwd`` compile on CUDA: the
-gate compiles each for sm_80 and sm_90 without a GPU and fails on compile errors, register spills or shared memory over
-the limit. Int arguments are specialised as the JIT does it for a ViT block: q, k, v = qkv.unbind(2) of a packed (B,
-N, 3, H, D) projection (all strides multiples of 16, head-dim stride 1 -> constexpr), N = 197 (odd), a (1, H, N, N)
-bias (batch stride 0, key stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0).
-Every autotune config that the prune filter keeps (``K.GATED_CONFIGS``, sm_80's shared memory) is compiled with the
-heaviest flags (bias + padding mask (+ dbias), dropout on and off) at head dims 64 / 80 / 128 / 256 in fp16, 64 / 128
-in bf16 and 64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every
-candidate spills is marked
-xfail); the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
-preprocessing kernel at a head dim per padded tile and dtype; fp16 specs at head dims 8, 24, 72, 200 (multiples of
-8, not of 16: masked head-dim loads). Calibrating ``K.GATED_CONFIGS``: compile every candidate with
-``_aot_specs(heavy=..., filter_configs=False, variations=False)`` (``aot.check`` on each) and keep the rows without
-spills.
+One dict per representative specialisation the launchers ``attention_fwd`` / ``attention_bwd`` compile on CUDA: the gate
+compiles each for sm_80 and sm_90 without a GPU and fails on compile errors, register spills or shared memory over the
+limit. Int arguments are specialised as the JIT does it for a ViT block: q, k, v = qkv.unbind(2) of a packed (B, N, 3,
+H, D) projection (all strides multiples of 16, head-dim stride 1 -> constexpr), N = 197 (odd), a (1, H, N, N) bias
+(batch stride 0, key stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0). Every
+autotune config that the prune filter keeps (``K.GATED_CONFIGS``, sm_80's shared memory) is compiled with the heaviest
+flags (bias + padding mask (+ dbias), dropout on and off) at head dims 64 / 80 / 128 / 256 in fp16, 64 / 128 in bf16 and
+64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every candidate spills is
+marked xfail); the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
+preprocessing kernel at every head dim and dtype; fp16 specs at head dims 8 and 24 (multiples of 8, not of 16: masked
+head-dim loads; 72 and 200 spill, so the op does not take them). Calibrating ``K.GATED_CONFIGS``: compile every
+candidate with ``_aot_specs(heavy=..., filter_configs=False, variations=False)`` (``aot.check`` on each) and keep the
+rows without spills.
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ import torch
 
 from pykernels.ops import attention as ATTENTION_OP
 from pykernels.triton_kernels import attention as K
-
-# the preprocessing kernel's head dims: one per padded tile size, and multiples of 8 that are not of 16
-PREPROCESS_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 72, 96, 128, 200, 256)
 
 
 def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True) -> list[dict]:
@@ -199,10 +195,10 @@ def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True)
                 specs.append(make(kernel, kept(kernel, 64, f16, dropout)[0], f16, 64, causal, bias, False, dropout))
     # head dims that are multiples of 8 but not of 16 (masked loads on every padded tile size): the first kept config
     # of each kernel with the heaviest flags, fp16
-    for head_dim in (8, 24, 72, 200) if variations else ():
+    for head_dim in (8, 24) if variations else ():
         for kernel in K.CONFIG_TABLES:
             specs.append(make(kernel, kept(kernel, head_dim, f16, False)[0], f16, head_dim, False, True, True, False))
-    for dtype, head_dim in itertools.product((f16, bf16, f32), PREPROCESS_HEAD_DIMS if variations else ()):
+    for dtype, head_dim in itertools.product((f16, bf16, f32), ATTENTION_OP.SUPPORTED_HEAD_DIMS if variations else ()):
         if dtype != f32 or head_dim <= ATTENTION_OP.FP32_MAX_HEAD_DIM:
             specs.append(preprocess(dtype, head_dim))
     return specs

@@ -46,6 +46,7 @@ _VIT_LIKE = dict(
     image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
 )
 
+_CONVNEXT_LIKE = dict(hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.1)
 _SWIN_LIKE = dict(
     image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4, drop_path_rate=0.1
 )
@@ -83,26 +84,15 @@ MODELS: dict[str, tuple] = {
         (4, 3, 32, 32),
     ),
     "hf_clip_vision": (
-        _hf(
-            "CLIPVisionConfig",
-            "CLIPVisionModel",
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-        ),
+        _hf("CLIPVisionConfig", "CLIPVisionModel", **_VIT_LIKE),
         (4, 3, 32, 32),
     ),
     "hf_convnext": (
-        _hf("ConvNextConfig", "ConvNextModel", hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.1),
+        _hf("ConvNextConfig", "ConvNextModel", **_CONVNEXT_LIKE),
         (4, 3, 32, 32),
     ),
     "hf_convnextv2": (
-        _hf(
-            "ConvNextV2Config", "ConvNextV2Model", hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, drop_path_rate=0.1
-        ),
+        _hf("ConvNextV2Config", "ConvNextV2Model", **_CONVNEXT_LIKE),
         (4, 3, 32, 32),
     ),
     "hf_efficientnet": (

@@ -12,7 +12,7 @@ WORKERS ?= 2
 PKGS   := torch torchvision triton timm transformers numpy ninja pybind11 setuptools \
           pytest pytest-xdist pytest-benchmark expecttest matplotlib ruff
 
-.PHONY: all setup build test unit gpu-check fuzz coverage bench info lint clean
+.PHONY: all setup build test unit gpu-check gpu-bench fuzz coverage bench info lint clean
 
 all: test
 
@@ -58,6 +58,12 @@ coverage: build
 # One progress line per case; bench/conftest.py runs bench/report.py at the end (same as `pytest --benchmark-only`)
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.raw.json -q
+
+# On a lent GPU machine (torch >= 2.11 + Triton >= 3.6 installed, no network, no venv): build for its arch, check every
+# GPU kernel there, benchmark, write bench/results/<gpu>.{md,json,png} within 8 minutes (bench/gpu_bench.py)
+GPU_PYTHON ?= python3
+gpu-bench:
+	$(GPU_PYTHON) bench/gpu_bench.py
 
 info: build
 	$(PY) -m pykernels info

@@ -55,6 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+if __package__:  # under pytest (gpu_check.aot / tests.gpu_check.aot)
+    from . import occupancy as occupancy_rules
+else:  # script mode: this folder is sys.path[0]
+    import occupancy as occupancy_rules
+
 PACKAGE = "pykernels.triton_kernels"
 # tests/gpu_check/specs/<stem>.py holds the AOT_SPECS of PACKAGE.<stem>. Imported relative to this module's package
 # under pytest (``gpu_check.specs`` or ``tests.gpu_check.specs``, after pytest's rootdir rules); in script mode
@@ -304,6 +309,7 @@ class Result:
     static_smem: int | None = None
     dynamic_smem: int | None = None
     smem_limit: int | None = None
+    warps: int | None = None  # num_warps of the compiled kernel (block = 32 * warps threads)
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     log: str = ""
@@ -318,9 +324,18 @@ class Result:
     def ok(self) -> bool:
         return not self.problems
 
+    def occupancy(self) -> occupancy_rules.Occupancy | None:
+        """Resident warps per SM on the target (occupancy.py), from the compiled registers, warps and shared memory."""
+        if None in (self.registers, self.warps, self.smem):
+            return None
+        return occupancy_rules.occupancy(self.target, 32 * self.warps, self.registers, self.smem)
+
     def as_row(self) -> dict[str, Any]:
         row = {k: v for k, v in vars(self).items() if k != "log"}
         row["smem"] = self.smem
+        occ = self.occupancy()
+        row["occupancy"] = None if occ is None else occ.fraction
+        row["occupancy_limiter"] = None if occ is None else occ.limiter
         return row
 
 
@@ -423,6 +438,7 @@ def check(spec: KernelSpec, target: str) -> Result:
     result.log = log
     name = compiled.metadata.name
     result.dynamic_smem = int(compiled.metadata.shared)
+    result.warps = int(compiled.metadata.num_warps)
     try:
         res = cubin_resources(compiled.asm["cubin"]).get(name)
     except Exception as e:  # noqa: BLE001
@@ -457,7 +473,21 @@ def check(spec: KernelSpec, target: str) -> Result:
 
 # ---- report -------------------------------------------------------------------------------------------------------
 
-COLUMNS = ("stem", "kernel", "config", "target", "regs", "spill st B", "spill ld B", "stack B", "smem B", "status")
+COLUMNS = (
+    "stem",
+    "kernel",
+    "config",
+    "target",
+    "regs",
+    "spill st B",
+    "spill ld B",
+    "stack B",
+    "smem B",
+    "warps",
+    "occ %",
+    "limit",
+    "status",
+)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -477,12 +507,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             cell(r["spill_loads"]),
             cell(r["stack"]),
             cell(r["smem"]),
+            cell(r.get("warps")),
+            "?" if r.get("occupancy") is None else f"{100 * r['occupancy']:.1f}",
+            cell(r.get("occupancy_limiter")),
             "ok" if not r["problems"] else "FAIL: " + "; ".join(p.splitlines()[0] for p in r["problems"]),
         )
         for r in sorted(rows, key=lambda r: (r["stem"], r["kernel"], r["label"], r["target"]))
     ]
     widths = [max(len(c) for c in col) for col in zip(COLUMNS, *lines, strict=True)]
-    numeric = {4, 5, 6, 7, 8}
+    numeric = {4, 5, 6, 7, 8, 9, 10}
 
     def fmt(values):
         return "  ".join(
@@ -500,7 +533,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return (
         f"{len(rows)} compiles ({len({r['spec_id'] for r in rows})} specs x {len({r['target'] for r in rows})} "
         f"targets), {len(failed)} failed; max registers {max(regs, default=0)} ({at_cap} at the 255 cap); "
-        f"compile time {sum(r['seconds'] for r in rows):.1f} s (summed over workers)"
+        f"compile time {sum(r['seconds'] for r in rows):.1f} s (summed over workers)\n\n"
+        + occupancy_rules.summary(rows, "Triton AOT, sm_80 and sm_90")
     )
 
 

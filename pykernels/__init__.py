@@ -2,6 +2,7 @@
 ``nn.Module``s with full autograd.
 
     from pykernels import ConvNeXtBlock, DropPath, DWConvLayerNorm, FusedMBConvSE, FusedMHSA, FusedMlp
+    from pykernels import FusedWindowAttention   # Swin / Swin-V2 window attention
     from pykernels.functional import attention, drop_path_add, dwconv_ln, mbconv_se, mlp
     pykernels.swap(model)     # timm / torchvision / Hugging Face ConvNeXt and MBConv blocks, MLPs, DropPaths
 
@@ -19,6 +20,7 @@ from pykernels.modules import (
     FusedMBConvSE,
     FusedMHSA,
     FusedMlp,
+    FusedWindowAttention,
     SqueezeExcite,
 )
 from pykernels.swap import swap
@@ -37,6 +39,7 @@ __all__ = [
     "FusedMBConvSE",
     "FusedMHSA",
     "FusedMlp",
+    "FusedWindowAttention",
     "functional",
     "info",
     "SqueezeExcite",

@@ -32,7 +32,12 @@ is visited again):
 * ``"drop_path"`` (default): timm ``DropPath``, torchvision ``StochasticDepth``, Hugging Face ``*DropPath`` ->
   :class:`pykernels.DropPath` (bit-identical where the original masks by multiplication).
 * ``"attention"`` (opt-in): timm ``Attention``, ``nn.MultiheadAttention``, Hugging Face ViT-layout attention
-  (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``) -> ``FusedMHSA``.
+  (``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``) -> ``FusedMHSA``; Swin / Swin-V2 window attention (timm
+  ``WindowAttention``, torchvision ``ShiftedWindowAttention(V2)``, Hugging Face ``SwinAttention`` /
+  ``Swinv2Attention`` / ``DonutSwinAttention`` / ``MaskFormerSwinAttention`` / ``Swin2SRAttention`` /
+  ``ClapAudioAttention``) -> ``FusedWindowAttention`` (relative-position bias, Swin-V2's cosine attention and
+  continuous position bias, the shifted-window mask), each verified on a probe with a mask. Window attention of
+  other layouts is skipped with the reason.
 
 Known classes are matched exactly. A module matched by its structure alone (Hugging Face's attention classes, which
 share ViT's layout but not always its maths - Swin's window bias, BEiT's relative-position bias -; the official
@@ -144,6 +149,20 @@ def _attention_probe(m: nn.Module):
     return None
 
 
+def _window_probe(m: nn.Module):
+    """Window attention: x of 2 images x 2 windows with a shifted-window-like mask (0 / -100 between token groups in
+    the second window); torchvision's layer takes an image (B, H, W, C) of 2 x 2 windows and shifts it itself."""
+    dim, (wh, ww) = _attention.window_geometry(m)
+    if _attention.window_layout(m) == "torchvision":
+        return (_like(m, 2, 2 * wh, 2 * ww, dim),)
+    n = wh * ww
+    group = torch.arange(n) % 2
+    mask = torch.zeros(2, n, n)
+    mask[1] = (group[:, None] != group[None, :]).float() * -100.0
+    x = _like(m, 4, n, dim)
+    return (x, mask.to(x))
+
+
 CONVERTERS: list[Converter] = [
     # before "drop_path": a whole block is replaced (its DropPath with it) before its parts are considered
     Converter(
@@ -162,7 +181,16 @@ CONVERTERS: list[Converter] = [
     ),
     Converter("mlp", _mlp.is_candidate, _mlp.unsupported_reasons, FusedMlp.from_module, _mlp_probe),
     Converter("drop_path", _is_drop_path, lambda m: [], DropPath.from_module, _drop_path_probe, probe_train=True),
-    # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path)
+    # opt-in until FusedMHSA has been measured on a GPU (on CPU it runs the same ATen kernel as timm's SDPA path);
+    # window attention first: Hugging Face's SwinAttention also has the ViT layout the next converter matches
+    Converter(
+        "attention",
+        _attention.is_window_candidate,
+        _attention.window_unsupported_reasons,
+        _attention.FusedWindowAttention.from_module,
+        _window_probe,
+        default=False,
+    ),
     Converter(
         "attention",
         _attention.is_candidate,
@@ -297,8 +325,9 @@ def swap(
         model: any ``nn.Module`` (timm, torchvision, Hugging Face, your own).
         include: kinds to swap (default: ``"convnext_block"``, ``"mbconv"``, ``"mlp"`` and ``"drop_path"``;
             ``"attention"`` -
-            timm ``Attention``, ``nn.MultiheadAttention``, HF ViT-layout attention -> ``FusedMHSA`` - is opt-in for
-            now). See the module docstring for what each kind replaces.
+            timm ``Attention``, ``nn.MultiheadAttention``, HF ViT-layout attention -> ``FusedMHSA``, Swin / Swin-V2
+            window attention -> ``FusedWindowAttention`` - is opt-in for now). See the module docstring for what
+            each kind replaces.
         exclude: kinds to leave alone.
         verbose: print the report.
         dry_run: change nothing; the report says what would be replaced.

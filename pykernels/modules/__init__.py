@@ -1,6 +1,13 @@
 """Public nn.Modules of pykernels (each with a ``from_module`` converter)."""
 
-from pykernels.modules.attention import FusedMHSA, FusedMultiheadAttention, FusedViTAttention
+from pykernels.modules.attention import (
+    FusedHFWindowAttention,
+    FusedMHSA,
+    FusedMultiheadAttention,
+    FusedShiftedWindowAttention,
+    FusedViTAttention,
+    FusedWindowAttention,
+)
 from pykernels.modules.convnext import ConvNeXtBlock
 from pykernels.modules.drop_path import DropPath
 from pykernels.modules.dwconv_ln import DWConvLayerNorm
@@ -11,10 +18,13 @@ __all__ = [
     "ConvNeXtBlock",
     "DropPath",
     "DWConvLayerNorm",
+    "FusedHFWindowAttention",
     "FusedMBConvSE",
     "FusedMHSA",
     "FusedMlp",
     "FusedMultiheadAttention",
+    "FusedShiftedWindowAttention",
     "FusedViTAttention",
+    "FusedWindowAttention",
     "SqueezeExcite",
 ]

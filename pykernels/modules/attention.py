@@ -9,6 +9,11 @@
   the same module with HF's call signature ``forward(hidden_states, attention_mask=None, **kwargs) ->
   (out, None)``.
 * :class:`FusedMultiheadAttention` - drop-in for ``nn.MultiheadAttention`` (its call signature and return value).
+* :class:`FusedWindowAttention` - Swin / Swin-V2 window attention (Liu et al. 2021, 2022): the relative-position
+  bias (Swin-V2: the continuous position bias MLP and cosine attention) and the shifted-window mask as the
+  attention op's additive bias; drop-in for timm's ``WindowAttention``, with :class:`FusedShiftedWindowAttention`
+  (torchvision's ``ShiftedWindowAttention(V2)``: partition, shift and mask inside) and
+  :class:`FusedHFWindowAttention` (Hugging Face's Swin family) for the other call signatures.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 
 import torch
 from torch import nn
@@ -27,10 +33,13 @@ from pykernels.ops import attention as _attention_ops
 from pykernels.ops import mlp as _mlp_ops
 
 __all__ = [
+    "FusedHFWindowAttention",
     "FusedMHSA",
     "FusedMaskedMHSA",
     "FusedMultiheadAttention",
+    "FusedShiftedWindowAttention",
     "FusedViTAttention",
+    "FusedWindowAttention",
     "can_convert",
     "unsupported_reasons",
 ]
@@ -214,6 +223,7 @@ def is_candidate(module: nn.Module) -> bool:
         or _seeds_kind(module) is not None
         or _is_hf_vit_attention(module)
         or type(module).__name__ in KNOWN_UNSUPPORTED  # reported as skipped, with the reason
+        or _WINDOW_NAME.search(type(module).__name__) is not None
     )
 
 
@@ -240,6 +250,8 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
         return []
     if type(module).__name__ in KNOWN_UNSUPPORTED:
         return [KNOWN_UNSUPPORTED[type(module).__name__]]
+    if _WINDOW_NAME.search(type(module).__name__):
+        return [_WINDOW_ATTENTION]
     if _is_hf_vit_attention(module):
         heads = _hf_heads(module)
         dim = module.q_proj.in_features
@@ -361,19 +373,17 @@ def _is_hf_vit_attention(m: nn.Module) -> bool:
     )
 
 
-# attention layers whose maths FusedMHSA does not compute (yet): matched by class name, skipped with this reason
+# attention layers whose maths FusedMHSA does not compute: matched by class name, skipped with this reason. Swin /
+# Swin-V2 window attention of the layouts FusedWindowAttention knows is converted by it (pykernels.swap tries that
+# converter first); a window attention of any other layout (timm's DaViT WindowAttention, another version's Swin
+# classes) is refused here rather than matched by structure: its relative-position bias and shift mask would be lost
 _WINDOW_ATTENTION = (
-    "window attention (a relative-position bias per window and the shifted-window mask, computed inside the layer): "
-    "FusedMHSA does not compute it yet"
+    "window attention of a layout FusedWindowAttention does not know (it converts timm Swin / Swin-V2 "
+    "WindowAttention, torchvision ShiftedWindowAttention(V2), Hugging Face Swin / Swin-V2 / Donut / MaskFormer / "
+    "Swin2SR / CLAP audio window attention); FusedMHSA would drop its relative-position bias and shift mask"
 )
-KNOWN_UNSUPPORTED = {
-    "WindowAttention": _WINDOW_ATTENTION,  # timm Swin
-    "ShiftedWindowAttention": _WINDOW_ATTENTION,  # torchvision Swin
-    "ShiftedWindowAttentionV2": _WINDOW_ATTENTION + " (with Swin-V2's cosine attention)",
-    "SwinAttention": _WINDOW_ATTENTION,  # Hugging Face Swin
-    "Swinv2Attention": _WINDOW_ATTENTION + " (with Swin-V2's cosine attention)",
-    "DonutSwinAttention": _WINDOW_ATTENTION,
-}
+_WINDOW_NAME = re.compile(r"(WindowAttention|WindowAttentionGlobal|WindowAttention3d|Swin\w*Attention)$")
+KNOWN_UNSUPPORTED = {"WindowAttention": _WINDOW_ATTENTION}  # timm DaViT's (timm Swin's: FusedWindowAttention)
 
 
 def _dropout_p(mod) -> float:
@@ -683,3 +693,669 @@ class FusedMultiheadAttention(FusedMHSA):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", batch_first={self.batch_first}"
+
+
+# ---- Swin / Swin-V2 window attention ---------------------------------------------------------------------------------
+
+
+def _swin_relative_coords_table(window_size: tuple[int, int], pretrained: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Swin-V2's log-spaced relative coordinates ``(1, 2 Wh - 1, 2 Ww - 1, 2)``, the input of the position MLP (as
+    timm's ``swin_transformer_v2``)."""
+    wh, ww = window_size
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(-(wh - 1), wh, dtype=torch.float32),
+            torch.arange(-(ww - 1), ww, dtype=torch.float32),
+            indexing="ij",
+        )
+    )
+    table = coords.permute(1, 2, 0).contiguous().unsqueeze(0)
+    ref = pretrained if pretrained[0] > 0 else window_size
+    table[..., 0] /= max(ref[0] - 1, 1)
+    table[..., 1] /= max(ref[1] - 1, 1)
+    table *= 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def _swin_relative_position_index(window_size: tuple[int, int]) -> torch.Tensor:
+    """``(N, N)`` index into the ``((2 Wh - 1) (2 Ww - 1), H)`` bias table of each (query, key) pair of a window."""
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += wh - 1
+    rel[:, :, 1] += ww - 1
+    rel[:, :, 0] *= 2 * ww - 1
+    return rel.sum(-1)
+
+
+class FusedWindowAttention(nn.Module):
+    """Swin / Swin-V2 window attention (Liu et al. 2021, 2022) on the fused attention op.
+
+    ``proj(softmax(s(q, k) + B_rel + M) v)`` over the tokens of each window, where ``B_rel`` (H, N, N) is the
+    relative-position bias of the window (Swin: a learned table indexed by the relative offset; Swin-V2:
+    ``16 * sigmoid(cpb_mlp(log-spaced coordinates))``) and ``M`` the shifted-window mask of each window, and the
+    score ``s`` is ``q k^T * scale`` (Swin) or Swin-V2's cosine attention ``cos(q, k) * exp(min(logit_scale,
+    log 100))`` per head (the per-head scale is folded into the normalised q; the key has no bias, as in Swin-V2).
+
+    Drop-in for timm's ``swin_transformer.WindowAttention`` and ``swin_transformer_v2.WindowAttention`` (the same
+    call signature and state_dict; :meth:`from_module` converts those, torchvision's ``ShiftedWindowAttention`` /
+    ``ShiftedWindowAttentionV2`` -> :class:`FusedShiftedWindowAttention` and Hugging Face's Swin / Swin-V2 /
+    Donut / MaskFormer / Swin2SR window attention -> :class:`FusedHFWindowAttention`).
+
+    Memory: without a mask the bias is (1, H, N, N) and broadcasts over the windows. With a mask (nW, N, N) the
+    bias of every window of every image, ``B_rel + M`` as one (B * nW, H, N, N) tensor, is materialised (the
+    attention op takes one bias broadcastable to (batch, H, N, N), and window w of image b is batch row b * nW + w)
+    - what timm's fused path materialises too, and less than its eager path, which holds the scores and
+    probabilities (B * nW, H, N, N) each. The attention itself never stores an N x N matrix on the Triton backend
+    (except the bias gradient, which is (B * nW, H, N, N) as in eager).
+
+    Args:
+        dim: channels C of x.
+        num_heads: heads H.
+        window_size: (Wh, Ww) (or an int); N = Wh * Ww tokens per window.
+        head_dim: channels per head (default ``dim // num_heads``); the attention width is ``H * head_dim``.
+        qkv_bias, proj_bias: biases of the projections.
+        attn_drop: dropout on the attention probabilities (training only). proj_drop: after the projection.
+        cosine: Swin-V2's cosine attention with ``logit_scale`` (H, 1, 1) and the continuous position bias MLP
+            ``cpb_mlp`` (2 -> 512 -> H), instead of ``relative_position_bias_table``.
+        pretrained_window_size: Swin-V2's coordinate normalisation (0: the window size).
+        scale: score scale of the non-cosine attention (default ``head_dim ** -0.5``).
+        mask_repeats: how many times the layer adds its mask (Hugging Face's Swin-V2 adds it twice: -200 where the
+            original adds -100); 1 elsewhere.
+        backend: ``"triton"`` / ``"torch"`` / None, as :class:`FusedMHSA`.
+
+    Shape:
+        ``forward(x (B * nW, N, C), mask=None (nW, N, N)) -> (B * nW, N, C)``; the windows of one image are
+        consecutive in x (timm's ``window_partition``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int | tuple[int, int] = 7,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        cosine: bool = False,
+        pretrained_window_size: int | tuple[int, int] = 0,
+        scale: float | None = None,
+        mask_repeats: int = 1,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (
+            dim <= 0
+            or num_heads <= 0
+            or (head_dim is None and dim % num_heads)
+            or (head_dim is not None and head_dim <= 0)
+        ):
+            raise ValueError(
+                f"dim ({dim}) must be a positive multiple of num_heads ({num_heads}), or head_dim > 0 given"
+            )
+        head_dim = head_dim or dim // num_heads
+        if not 0.0 <= float(attn_drop) < 1.0:
+            raise ValueError(f"attn_drop must be in [0, 1), got {attn_drop}")
+        window = tuple(window_size) if isinstance(window_size, (tuple, list)) else (window_size, window_size)
+        if len(window) != 2 or min(window) <= 0:
+            raise ValueError(f"window_size must be a positive int or (Wh, Ww); got {window_size}")
+        if backend is not None:
+            backends.requested_backend(backend)
+            why = _attention_ops.head_dim_reasons(head_dim) if backend == "triton" else []
+            if why:
+                raise ValueError(f"backend='triton' (head dim {head_dim}): {why[0]}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.window_size = (int(window[0]), int(window[1]))
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.cosine = bool(cosine)
+        self.scale = float(scale) if scale is not None else head_dim**-0.5
+        self.attn_drop = float(attn_drop)
+        self.mask_repeats = int(mask_repeats)
+        self.backend = backend
+        attn_dim = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * attn_dim, bias=qkv_bias)
+        self.proj = nn.Linear(attn_dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if self.cosine:
+            pretrained = (
+                tuple(pretrained_window_size)
+                if isinstance(pretrained_window_size, (tuple, list))
+                else (pretrained_window_size,) * 2
+            )
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+            self.cpb_mlp = nn.Sequential(
+                nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+            )
+            self.register_buffer(
+                "relative_coords_table", _swin_relative_coords_table(self.window_size, pretrained), persistent=False
+            )
+        else:
+            table = torch.empty((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
+            self.relative_position_bias_table = nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
+        self.register_buffer(
+            "relative_position_index", _swin_relative_position_index(self.window_size), persistent=False
+        )
+
+    # ---- the maths -------------------------------------------------------------------------------------------
+
+    def position_bias(self) -> torch.Tensor:
+        """The relative-position bias ``(H, N, N)`` of a window (Swin-V2: ``16 * sigmoid`` of the MLP's table)."""
+        n = self.window_area
+        if self.cosine:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        else:
+            table = self.relative_position_bias_table
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+        return 16 * torch.sigmoid(bias) if self.cosine else bias
+
+    def window_bias(self, windows: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The score bias of ``windows`` windows: (1, H, N, N) without a mask, else ``B_rel + M`` per window as
+        (windows, H, N, N) (mask (nW, N, N) repeated over the images: window w of image b is row b * nW + w)."""
+        bias = self.position_bias().unsqueeze(0)
+        if mask is None:
+            return bias
+        n = self.window_area
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or mask.shape[0] == 0 or windows % mask.shape[0]:
+            raise ValueError(
+                f"mask must be (nW, N, N) with N = {n} and nW dividing the {windows} windows of x; "
+                f"got {tuple(mask.shape)}"
+            )
+        if not mask.is_floating_point():
+            raise ValueError(f"mask must be an additive float tensor (0 / -100 or -inf), got {mask.dtype}")
+        num_windows = mask.shape[0]
+        if self.mask_repeats != 1:
+            mask = mask * self.mask_repeats
+        bias = bias + mask.unsqueeze(1)  # (nW, H, N, N)
+        return bias.unsqueeze(0).expand(windows // num_windows, -1, -1, -1, -1).reshape(windows, self.num_heads, n, n)
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cosine and self.qkv.bias is not None:  # Swin-V2: no key bias (its slice is neither used nor trained)
+            q_bias, _, v_bias = self.qkv.bias.chunk(3)
+            return _mlp_ops.linear(x, self.qkv.weight, torch.cat((q_bias, torch.zeros_like(q_bias), v_bias)))
+        return _linear(x, self.qkv)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 3:
+            raise ValueError(f"{type(self).__name__} expects x of shape (B * nW, N, C); got {tuple(x.shape)}")
+        if x.shape[2] != self.dim:
+            raise ValueError(f"x has {x.shape[2]} channels, {type(self).__name__} was built for dim={self.dim}")
+        if x.shape[1] != self.window_area:
+            raise ValueError(
+                f"x has {x.shape[1]} tokens per window, the window {self.window_size} has {self.window_area}"
+            )
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention before the output projection: ``(B * nW, N, C) -> (B * nW, N, H * head_dim)``."""
+        self._check(x)
+        windows, n, _ = x.shape
+        q, k, v = self._qkv(x).view(windows, n, 3, self.num_heads, self.head_dim).unbind(2)  # (B nW, N, H, D) views
+        scale = self.scale
+        if self.cosine:
+            logit_scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp().view(self.num_heads, 1)
+            q = nn.functional.normalize(q, dim=-1) * logit_scale.to(q.dtype)
+            k = nn.functional.normalize(k, dim=-1)
+            scale = 1.0
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = F.attention(q, k, v, self.window_bias(windows, mask), None, False, scale, dropout_p, self.backend)
+        return out.flatten(2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            x: (B * nW, N, C) windows of tokens, the nW windows of each image consecutive.
+            mask: (nW, N, N) additive shifted-window mask (0 / -100), or None.
+
+        Returns:
+            (B * nW, N, C).
+        """
+        return self.proj_drop(_linear(self.attend(x, mask), self.proj))
+
+    def explicit(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, head_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same maths in plain PyTorch with the probabilities (what ``output_attentions=True`` / a ``head_mask``
+        need): ``(forward's output, probabilities (B * nW, H, N, N))``; ``head_mask`` multiplies the
+        probabilities (broadcastable to them), after dropout, as Hugging Face does."""
+        self._check(x)
+        windows, n, _ = x.shape
+        q, k, v = self._qkv(x).view(windows, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.cosine:
+            logit_scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            scores = nn.functional.normalize(q, dim=-1) @ nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+            scores = scores * logit_scale
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+        scores = scores + self.window_bias(windows, mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = nn.functional.dropout(probs, self.attn_drop, self.training)
+        if head_mask is not None:
+            probs = probs * head_mask
+        out = (probs @ v).transpose(1, 2).reshape(windows, n, -1)
+        return self.proj_drop(_linear(out, self.proj)), probs
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"window_size={self.window_size}"]
+        if self.head_dim * self.num_heads != self.dim:
+            parts.append(f"head_dim={self.head_dim}")
+        if self.cosine:
+            parts.append("cosine=True")
+        elif not math.isclose(self.scale, self.head_dim**-0.5):
+            parts.append(f"scale={self.scale:g}")
+        if self.attn_drop:
+            parts.append(f"attn_drop={self.attn_drop:g}")
+        if self.mask_repeats != 1:
+            parts.append(f"mask_repeats={self.mask_repeats}")
+        if self.backend:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+    # ---- conversion --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None) -> FusedWindowAttention:
+        """A fused module with ``module``'s weights, buffers, heads, window, dropout and train/eval state; its
+        state_dict has the original's keys and shapes (and loads the original's, or its own packed ones).
+
+        Accepts timm ``swin_transformer.WindowAttention`` / ``swin_transformer_v2.WindowAttention`` ->
+        :class:`FusedWindowAttention`; torchvision ``ShiftedWindowAttention`` / ``ShiftedWindowAttentionV2`` ->
+        :class:`FusedShiftedWindowAttention`; Hugging Face ``SwinAttention`` (``q_proj`` ... ``o_proj`` +
+        ``relative_position_bias``, transformers 5) and the ``self`` / ``output`` layout of ``SwinAttention``
+        (transformers 4), ``DonutSwinAttention``, ``MaskFormerSwinAttention``, ``Swinv2Attention``,
+        ``Swin2SRAttention`` -> :class:`FusedHFWindowAttention`; a ``FusedWindowAttention`` (copied).
+        """
+        if isinstance(module, FusedWindowAttention):
+            new = copy.deepcopy(module)
+            new.backend = backend or module.backend
+            return new
+        layout = window_layout(module)
+        if layout is None:
+            raise TypeError(
+                f"FusedWindowAttention.from_module does not know {type(module).__module__}.{type(module).__name__}; "
+                "supported: timm Swin / Swin-V2 WindowAttention, torchvision ShiftedWindowAttention(V2), Hugging Face "
+                "Swin / Swin-V2 / Donut / MaskFormer / Swin2SR attention"
+            )
+        reasons = window_unsupported_reasons(module)
+        if reasons:
+            raise TypeError(
+                f"FusedWindowAttention cannot stand in for this {type(module).__name__}: {'; '.join(reasons)}"
+            )
+        new = _WINDOW_CONVERTERS[layout](module, backend)
+        new.train(module.training)
+        return new
+
+
+class FusedShiftedWindowAttention(FusedWindowAttention):
+    """:class:`FusedWindowAttention` with torchvision ``ShiftedWindowAttention(V2)``'s call: ``forward(x (B, H, W, C))
+    -> (B, H, W, C)`` pads H, W to multiples of the window, rolls by ``-shift_size`` (no shift along an axis the
+    window covers), partitions, attends with the shifted-window mask (-100 between the regions the roll brought
+    together, built as torchvision does), and reverses all of it. State_dict as torchvision's (its buffers
+    ``relative_position_index`` and, for V2, ``relative_coords_table`` are persistent there, and here)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size, shift_size=(0, 0), **kwargs) -> None:
+        super().__init__(dim, num_heads, window_size, **kwargs)
+        shift = tuple(shift_size) if isinstance(shift_size, (tuple, list)) else (shift_size, shift_size)
+        self.shift_size = (int(shift[0]), int(shift[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects x of shape (B, H, W, C={self.dim}); got {tuple(x.shape)}")
+        batch, height, width, channels = x.shape
+        wh, ww = self.window_size
+        pad_r, pad_b = (ww - width % ww) % ww, (wh - height % wh) % wh
+        x = nn.functional.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pad_h, pad_w = height + pad_b, width + pad_r
+        shift = [0 if wh >= pad_h else self.shift_size[0], 0 if ww >= pad_w else self.shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        num_windows = (pad_h // wh) * (pad_w // ww)
+        x = x.view(batch, pad_h // wh, wh, pad_w // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(batch * num_windows, wh * ww, channels)
+        mask = _tv_shift_mask(pad_h, pad_w, (wh, ww), shift, x) if sum(shift) > 0 else None
+        x = super().forward(x, mask)
+        x = x.view(batch, pad_h // wh, pad_w // ww, wh, ww, channels).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(batch, pad_h, pad_w, channels)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :height, :width, :].contiguous()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", shift_size={self.shift_size}"
+
+
+def _tv_shift_mask(pad_h: int, pad_w: int, window, shift, like: torch.Tensor) -> torch.Tensor:
+    """torchvision's shifted-window mask (nW, N, N): 0 within a region of the rolled map, -100 across (the same
+    slices, in the same order, as ``torchvision.models.swin_transformer.shifted_window_attention``)."""
+    wh, ww = window
+    regions = like.new_zeros((pad_h, pad_w))
+    h_slices = ((0, -wh), (-wh, -shift[0]), (-shift[0], None))
+    w_slices = ((0, -ww), (-ww, -shift[1]), (-shift[1], None))
+    count = 0
+    for h in h_slices:
+        for w in w_slices:
+            regions[h[0] : h[1], w[0] : w[1]] = count
+            count += 1
+    regions = regions.view(pad_h // wh, wh, pad_w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    mask = regions.unsqueeze(1) - regions.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+class FusedHFWindowAttention(FusedWindowAttention):
+    """:class:`FusedWindowAttention` with Hugging Face's call signature (what ``from_module`` returns for HF's Swin,
+    Swin-V2, Donut, MaskFormer and Swin2SR window attention).
+
+    ``forward(hidden_states (B * nW, N, C), attention_mask=None (nW, N, N), ...)`` takes the original's other
+    arguments by the same names and positions and returns what it returns: ``(out, weights)`` for transformers 5's
+    ``SwinAttention``, ``(out,)`` or ``(out, weights)`` (with ``output_attentions``) for the ``self`` / ``output``
+    layout. When the weights are asked for (``output_attentions=True``, as an argument or in the model's config)
+    or a ``head_mask`` is given, the same maths runs in plain PyTorch (:meth:`FusedWindowAttention.explicit`) and
+    returns them: never a silently missing result. Otherwise the weights are not computed (None), as HF's SDPA path.
+    """
+
+    # the original's positional parameters after hidden_states, and whether it always returns (out, weights)
+    _hf_arg_names: tuple[str, ...] = ("attention_mask",)
+    _hf_pair = True
+    _hf_config = None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: D102
+        if len(args) > len(self._hf_arg_names):
+            raise TypeError(
+                f"{type(self).__name__}.forward takes at most {len(self._hf_arg_names) + 1} positional "
+                f"arguments ({len(args) + 1} given)"
+            )
+        named = dict(zip(self._hf_arg_names, args))
+        named.update(kwargs)
+        mask = named.get("attention_mask")
+        head_mask = named.get("head_mask")
+        want_weights = named.get("output_attentions")
+        if want_weights is None:
+            want_weights = bool(getattr(self._hf_config, "output_attentions", False))
+        if want_weights or head_mask is not None:
+            out, weights = self.explicit(hidden_states, mask, head_mask)
+        else:
+            out, weights = super().forward(hidden_states, mask), None
+        if self._hf_pair:
+            return out, weights
+        return (out, weights) if want_weights else (out,)
+
+
+# ---- recognising and converting the originals -------------------------------------------------------------------
+
+_HF_OLD_LAYOUT = {  # Hugging Face classes of the ``self`` (query / key / value) + ``output`` (dense) layout
+    "SwinAttention",
+    "DonutSwinAttention",
+    "MaskFormerSwinAttention",
+    "Swinv2Attention",
+    "Swin2SRAttention",
+    "ClapAudioAttention",
+}
+
+
+def window_layout(m: nn.Module) -> str | None:
+    """Which window-attention layout ``m`` is, matched by exact class (library module and name) and checked
+    attributes: ``"timm"``, ``"timm_v2"``, ``"torchvision"``, ``"hf"`` (transformers 5's SwinAttention),
+    ``"hf_self_output"``; None for anything else."""
+    cls = type(m)
+    name, where = cls.__name__, cls.__module__
+    if name == "WindowAttention" and where == "timm.models.swin_transformer":
+        return "timm" if hasattr(m, "relative_position_bias_table") and isinstance(m.qkv, nn.Linear) else None
+    if name == "WindowAttention" and where == "timm.models.swin_transformer_v2":
+        return "timm_v2" if hasattr(m, "logit_scale") and isinstance(m.qkv, nn.Linear) else None
+    if (
+        name in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+        and where == "torchvision.models.swin_transformer"
+    ):
+        return "torchvision"
+    if not where.startswith("transformers.models."):
+        return None
+    if name == "SwinAttention" and isinstance(getattr(m, "relative_position_bias", None), nn.Module):
+        return "hf" if _is_hf_vit_attention(m) else None
+    if name in _HF_OLD_LAYOUT and isinstance(getattr(m, "self", None), nn.Module):
+        s = m.self
+        has_qkv = all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
+        has_bias = hasattr(s, "relative_position_bias_table") or hasattr(s, "logit_scale")
+        if has_qkv and has_bias and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear):
+            return "hf_self_output"
+    return None
+
+
+def window_geometry(m: nn.Module) -> tuple[int, tuple[int, int]]:
+    """(channels C, window (Wh, Ww)) of a window attention :func:`window_layout` knows."""
+    layout = window_layout(m)
+    if layout in ("timm", "timm_v2", "torchvision"):
+        dim, window = m.qkv.in_features, m.window_size
+    elif layout == "hf":
+        dim, window = m.q_proj.in_features, m.relative_position_bias.window_size
+    elif layout == "hf_self_output":
+        dim, window = m.self.query.in_features, m.self.window_size
+    else:
+        raise TypeError(f"{type(m).__name__} is not a known window-attention layout")
+    window = tuple(window) if isinstance(window, (tuple, list)) else (window, window)
+    return dim, (int(window[0]), int(window[1]))
+
+
+def is_window_candidate(m: nn.Module) -> bool:
+    """Whether ``m`` is a window attention :meth:`FusedWindowAttention.from_module` knows (it may refuse a variant:
+    :func:`window_unsupported_reasons`)."""
+    return not isinstance(m, FusedWindowAttention) and window_layout(m) is not None
+
+
+def window_unsupported_reasons(m: nn.Module) -> list[str]:
+    """Why :meth:`FusedWindowAttention.from_module` cannot stand in for ``m`` (empty when it can)."""
+    layout = window_layout(m)
+    if layout is None:
+        return [f"{type(m).__name__} is not a known window-attention layout"]
+    reasons = []
+    if layout == "timm_v2" and m.k_bias is not None and bool(m.k_bias.any()):
+        reasons.append("a non-zero k_bias buffer (Swin-V2 has no key bias)")
+    if layout == "hf_self_output" and hasattr(m.self, "logit_scale") and m.self.key.bias is not None:
+        reasons.append("Swin-V2 cosine attention with a key bias")
+    return reasons
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _set_buffer(new: nn.Module, name: str, owner: nn.Module, src_name: str) -> None:
+    """``new.<name>`` = a copy of ``owner.<src_name>``, persistent in ``new``'s state_dict iff it is in owner's."""
+    tensor = getattr(owner, src_name)
+    new.register_buffer(name, tensor.detach().clone(), persistent=src_name not in owner._non_persistent_buffers_set)
+
+
+def _position_params(new: FusedWindowAttention, owner: nn.Module, cpb_name: str = "cpb_mlp") -> None:
+    """The relative-position parameters and buffers of ``owner`` (table, or logit_scale + the MLP + coordinates)."""
+    _set_buffer(new, "relative_position_index", owner, "relative_position_index")
+    if new.cosine:
+        _copy_into(new.logit_scale, owner.logit_scale.reshape(new.logit_scale.shape))
+        new.cpb_mlp = copy.deepcopy(getattr(owner, cpb_name))
+        _set_buffer(new, "relative_coords_table", owner, "relative_coords_table")
+    else:
+        _copy_into(new.relative_position_bias_table, owner.relative_position_bias_table)
+
+
+def _from_timm_window(m: nn.Module, backend: str | None) -> FusedWindowAttention:
+    cosine = hasattr(m, "logit_scale")
+    heads = m.num_heads
+    attn_dim = m.qkv.out_features // 3
+    qkv_bias = m.q_bias is not None if cosine else m.qkv.bias is not None
+    new = FusedWindowAttention(
+        m.qkv.in_features,
+        heads,
+        m.window_size,
+        head_dim=attn_dim // heads,
+        qkv_bias=qkv_bias,
+        proj_bias=m.proj.bias is not None,
+        attn_drop=_dropout_p(m.attn_drop),
+        proj_drop=_dropout_p(m.proj_drop),
+        cosine=cosine,
+        scale=None if cosine else float(m.scale),
+        backend=backend,
+    ).to(m.qkv.weight)
+    _copy_into(new.qkv.weight, m.qkv.weight)
+    if qkv_bias:
+        _copy_into(new.qkv.bias, torch.cat((m.q_bias, m.k_bias, m.v_bias)) if cosine else m.qkv.bias)
+    new.proj.load_state_dict(m.proj.state_dict())
+    _position_params(new, m)
+    if cosine and qkv_bias:  # timm's q_bias / v_bias parameters (k_bias: a non-persistent zero buffer)
+        _keep_window_keys(new, lambda key: _split_key(key, "qkv.bias", ("q_bias", None, "v_bias")) or key)
+    return new
+
+
+def _from_tv_window(m: nn.Module, backend: str | None) -> FusedShiftedWindowAttention:
+    cosine = hasattr(m, "logit_scale")
+    new = FusedShiftedWindowAttention(
+        m.qkv.in_features,
+        m.num_heads,
+        tuple(m.window_size),
+        tuple(m.shift_size),
+        qkv_bias=m.qkv.bias is not None,
+        proj_bias=m.proj.bias is not None,
+        attn_drop=float(m.attention_dropout),
+        proj_drop=float(m.dropout),
+        cosine=cosine,
+        backend=backend,
+    ).to(m.qkv.weight)
+    new.qkv.load_state_dict(m.qkv.state_dict())  # V2: the key slice of the bias is kept, unused (as torchvision)
+    new.proj.load_state_dict(m.proj.state_dict())
+    _position_params(new, m)
+    return new
+
+
+def _from_hf_window(m: nn.Module, backend: str | None) -> FusedHFWindowAttention:
+    if window_layout(m) == "hf":  # transformers 5: q_proj / k_proj / v_proj / o_proj + relative_position_bias
+        owner, projections, out = m.relative_position_bias, (m.q_proj, m.k_proj, m.v_proj), m.o_proj
+        heads, head_dim, scale = m.num_attention_heads, m.head_dim, float(m.scaling)
+        attn_drop, proj_drop, cosine, mask_repeats = float(m.attention_dropout), 0.0, False, 1
+        names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "o_proj", "pos": "relative_position_bias."}
+    else:  # self (query / key / value, the position bias) + output (dense, dropout)
+        owner = m.self
+        projections, out = (owner.query, owner.key, owner.value), m.output.dense
+        heads, head_dim = owner.num_attention_heads, owner.attention_head_size
+        cosine = hasattr(owner, "logit_scale")
+        scale = None if cosine else head_dim**-0.5
+        attn_drop, proj_drop = _dropout_p(owner.dropout), _dropout_p(getattr(m.output, "dropout", None))
+        mask_repeats = _hf_mask_repeats(type(owner))
+        names = {"q": "self.query", "k": "self.key", "v": "self.value", "out": "output.dense", "pos": "self."}
+    window = tuple(owner.window_size) if isinstance(owner.window_size, (tuple, list)) else (owner.window_size,) * 2
+    has_bias = [p.bias is not None for p in projections]
+    new = FusedHFWindowAttention(
+        projections[0].in_features,
+        heads,
+        window,
+        head_dim=head_dim,
+        qkv_bias=any(has_bias),
+        proj_bias=out.bias is not None,
+        attn_drop=attn_drop,
+        proj_drop=proj_drop,
+        cosine=cosine,
+        scale=scale,
+        mask_repeats=mask_repeats,
+        backend=backend,
+    ).to(projections[0].weight)
+    with torch.no_grad():
+        new.qkv.weight.copy_(torch.cat([p.weight for p in projections]))
+        if any(has_bias):
+            new.qkv.bias.copy_(
+                torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections])
+            )
+    new.proj.load_state_dict(out.state_dict())
+    _position_params(new, owner, "continuous_position_bias_mlp")
+    new._hf_config = getattr(m, "config", None)
+    new._hf_pair = window_layout(m) == "hf"
+    new._hf_arg_names = _hf_positional_names(m)
+
+    def rename(key: str):
+        q, k, v = (names[x] if has else None for x, has in zip("qkv", has_bias))
+        for leaf in ("weight", "bias"):
+            if key == f"qkv.{leaf}":
+                parts = (q, k, v) if leaf == "bias" else (names["q"], names["k"], names["v"])
+                return _split_key(key, key, tuple(p and f"{p}.{leaf}" for p in parts))
+            if key == f"proj.{leaf}":
+                return f"{names['out']}.{leaf}"
+        if key.startswith("cpb_mlp."):
+            return names["pos"] + "continuous_position_bias_mlp." + key[len("cpb_mlp.") :]
+        return names["pos"] + key
+
+    _keep_window_keys(new, rename)
+    return new
+
+
+def _hf_positional_names(m: nn.Module) -> tuple[str, ...]:
+    try:
+        params = list(inspect.signature(type(m).forward).parameters.values())[2:]  # after self, hidden_states
+    except (TypeError, ValueError):
+        return ("attention_mask",)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def _hf_mask_repeats(cls: type) -> int:
+    """How many times a Hugging Face ``*SelfAttention.forward`` adds its window mask: Swin-V2 and Swin2SR add it
+    twice (``scores.view(...) + mask`` and again ``+ mask``: -200 across regions, which matters once a head's
+    logit scale approaches 100); read from the source, 1 where it cannot be read."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return 1
+    return max(1, source.count("attention_mask.unsqueeze(1).unsqueeze(0)"))
+
+
+_WINDOW_CONVERTERS = {
+    "timm": _from_timm_window,
+    "timm_v2": _from_timm_window,
+    "torchvision": _from_tv_window,
+    "hf": _from_hf_window,
+    "hf_self_output": _from_hf_window,
+}
+
+
+# ---- the original's state_dict keys -------------------------------------------------------------------------------
+
+
+def _split_key(key: str, own: str, parts: tuple[str | None, str | None, str | None]):
+    """For ``key == own``: the packed q / k / v tensor saved as its three chunks under ``parts`` (None: that chunk
+    is not in the original's state_dict); else None."""
+    return tuple((name, i) for i, name in enumerate(parts) if name is not None) if key == own else None
+
+
+def _keep_window_keys(new: nn.Module, rename) -> None:
+    """Save (and load) ``new``'s state_dict under the original's keys: ``rename(own key)`` is the original key, or
+    a tuple of ``(original key, chunk)`` for a packed q / k / v tensor split into its 3 chunks."""
+    mapping = {}
+    for key in nn.Module.state_dict(new):
+        orig = rename(key)
+        parts = ((orig, None),) if isinstance(orig, str) else tuple(orig)
+        if parts != ((key, None),):
+            mapping[key] = parts
+    new._window_key_map = mapping
+    new.register_state_dict_post_hook(_window_save_hook)
+    new.register_load_state_dict_pre_hook(_window_load_hook)
+
+
+def _window_save_hook(module, state_dict, prefix, local_metadata) -> None:
+    for own, parts in module._window_key_map.items():
+        if prefix + own not in state_dict:
+            continue
+        tensor = state_dict.pop(prefix + own)
+        if parts[0][1] is None:
+            state_dict[prefix + parts[0][0]] = tensor
+        else:
+            chunks = tensor.chunk(3)
+            for name, i in parts:
+                state_dict[prefix + name] = chunks[i].clone()  # no shared storage (safetensors)
+
+
+def _window_load_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+    for own, parts in module._window_key_map.items():
+        if prefix + own in state_dict or not all(prefix + name in state_dict for name, _ in parts):
+            continue
+        if parts[0][1] is None:
+            state_dict[prefix + own] = state_dict.pop(prefix + parts[0][0])
+            continue
+        chunks = dict((i, state_dict.pop(prefix + name)) for name, i in parts)
+        first = next(iter(chunks.values()))
+        state_dict[prefix + own] = torch.cat([chunks[i] if i in chunks else torch.zeros_like(first) for i in range(3)])

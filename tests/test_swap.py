@@ -1,7 +1,7 @@
 """pykernels.swap: the report (replaced / skipped with reasons), dry runs, idempotency, the probe verification of
 structure-matched modules, and models it must leave working or convert exactly (Hugging Face Swin and BEiT used to
-break: their window / relative-position biases were dropped by a structure match; BEiT is now converted, Swin
-skipped)."""
+break: their window / relative-position biases were dropped by a structure match; both are now converted, a window
+attention of another layout is skipped)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pykernels.swap import SwapReport
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("torchvision")
 
 
 def _tiny_swin():
@@ -67,19 +68,45 @@ def test_beit_attention_with_relative_position_bias_is_swapped():
     swapped.load_state_dict(model.state_dict(), strict=True)
 
 
-def test_swap_leaves_models_it_cannot_compute_working():
-    """HF Swin attention shares ViT's layout but adds a window bias and shift mask FusedMHSA would drop: skipped,
-    with the reason, and the model computes what it computed before."""
+def test_hf_swin_window_attention_is_converted():
+    """HF Swin attention shares ViT's layout but adds a window bias and the shift mask: FusedWindowAttention (not
+    FusedViTAttention, which would drop them) takes it, after the probe with a mask; the same output, and the
+    original's state_dict keys both ways."""
     model = _tiny_swin()
-    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_()  # zeros at init would hide a dropped bias
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x).last_hidden_state
+    swapped = copy.deepcopy(model)
+    report = pykernels.swap(swapped, include=["attention"])
+    assert [r.new for r in report.replaced] == ["FusedHFWindowAttention"] * 2 and report.skipped == []
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x).last_hidden_state, want, rtol=1e-4, atol=1e-5)
+    assert set(swapped.state_dict()) == set(model.state_dict())
+    copy.deepcopy(model).load_state_dict(swapped.state_dict(), strict=True)
+    swapped.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_swap_leaves_models_it_cannot_compute_working():
+    """torchvision's video Swin (3-D windows): a window attention FusedWindowAttention does not compute is skipped,
+    with the reason (never matched by structure), and the model computes what it computed before."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    model = SwinTransformer3d(
+        patch_size=[2, 4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 4, 4], num_classes=5
+    ).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        want = model(x)
     report = pykernels.swap(model, include=["attention"])
     assert isinstance(report, SwapReport) and report.model is model
     assert report.replaced == [] and len(report.skipped) == 2
     assert all(s.kind == "attention" and "window attention" in s.reason for s in report.skipped)
     with torch.no_grad():
-        torch.testing.assert_close(model(x).last_hidden_state, want)
+        torch.testing.assert_close(model(x), want)
 
 
 def test_structure_matched_attention_is_verified_then_replaced():

@@ -929,7 +929,7 @@ class FusedWindowAttention(nn.Module):
         else:
             scores = (q @ k.transpose(-2, -1)) * self.scale
         scores = scores + self.window_bias(windows, mask)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         probs = nn.functional.dropout(probs, self.attn_drop, self.training)
         if head_mask is not None:
             probs = probs * head_mask

@@ -117,13 +117,16 @@ _LAYER_SCALES = ("gamma", "layer_scale", "layer_scale_parameter", "lambda_1", "l
 
 @torch.no_grad()
 def unhide_branches(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Layer-scales to U(0.5, 1) (the 1e-6 init would hide a wrong block), BatchNorm statistics and affine params
-    away from the identity (so a fold or a wrong statistic shows)."""
+    """Layer-scales to U(0.5, 1) (the 1e-6 init would hide a wrong block), relative-position bias tables to N(0, 0.5)
+    (zeros or std 0.02 at init would hide a dropped window / relative-position bias), BatchNorm statistics and affine
+    params away from the identity (so a fold or a wrong statistic shows)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _LAYER_SCALES and p.dim() <= 1 or name.endswith(("ls1.gamma", "ls2.gamma")):
             p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.5)
+        elif leaf == "relative_position_bias_table":
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)

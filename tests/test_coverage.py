@@ -48,7 +48,10 @@ def test_reads_the_seed_format(tmp_path):
     [
         ("ViTAttention", "converted", "attention", "FusedViTAttention"),
         ("BeitMLP", "converted", "mlp", "FusedMlp"),
-        ("SwinAttention", "skipped", "attention", "window attention"),
+        # window attention: relative-position bias and shift mask on the fused op (Swin-V2: cosine attention too)
+        ("SwinAttention", "converted", "attention", "FusedHFWindowAttention"),
+        ("Swinv2Attention", "converted", "attention", "FusedHFWindowAttention"),
+        ("DonutSwinSelfAttention", "skipped", "attention", "attention half"),
         # an encoder-decoder attention shares ViT's layout, but its forward takes key_value_states / a KV cache:
         # converting it would drop the cross-attention in the decoder (the probe, a self-attention, cannot see that)
         ("PegasusAttention", "skipped", "attention", "key_value_states"),

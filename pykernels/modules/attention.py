@@ -224,6 +224,7 @@ def is_candidate(module: nn.Module) -> bool:
         or _is_hf_vit_attention(module)
         or type(module).__name__ in KNOWN_UNSUPPORTED  # reported as skipped, with the reason
         or _WINDOW_NAME.search(type(module).__name__) is not None
+        or _is_hf_window_self_half(module)
     )
 
 
@@ -250,6 +251,8 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
         return []
     if type(module).__name__ in KNOWN_UNSUPPORTED:
         return [KNOWN_UNSUPPORTED[type(module).__name__]]
+    if _is_hf_window_self_half(module):
+        return [_WINDOW_SELF_HALF]
     if _WINDOW_NAME.search(type(module).__name__):
         return [_WINDOW_ATTENTION]
     if _is_hf_vit_attention(module):
@@ -384,6 +387,20 @@ _WINDOW_ATTENTION = (
 )
 _WINDOW_NAME = re.compile(r"(WindowAttention|WindowAttentionGlobal|WindowAttention3d|Swin\w*Attention)$")
 KNOWN_UNSUPPORTED = {"WindowAttention": _WINDOW_ATTENTION}  # timm DaViT's (timm Swin's: FusedWindowAttention)
+_WINDOW_SELF_HALF = (
+    "the attention half (query / key / value, no output projection) of a Hugging Face window-attention layer: "
+    "converted with its parent *Attention (self + output) as FusedHFWindowAttention, not alone"
+)
+
+
+def _is_hf_window_self_half(m: nn.Module) -> bool:
+    """HF ``*SwinSelfAttention``-style modules: query / key / value Linears and a window position bias."""
+    return (
+        type(m).__module__.startswith("transformers.")
+        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and (hasattr(m, "relative_position_bias_table") or hasattr(m, "logit_scale"))
+        and hasattr(m, "window_size")
+    )
 
 
 def _dropout_p(mod) -> float:

@@ -439,3 +439,30 @@ def test_swap_converts_each_original_after_the_probe():
     # opt-in, as the other attention layers
     model = nn.Sequential(_timm_v1())
     assert pykernels.swap(model).replaced == [] and not isinstance(model[0], FusedWindowAttention)
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["swin", "swin_v2"])
+def test_empty_batch(cosine):
+    """No windows (B = 0): an empty output and empty / zero gradients, with and without a mask."""
+    fused = FusedWindowAttention(DIM, HEADS, WINDOW, cosine=cosine).train()
+    for mask in (None, _shift_mask(2)):
+        x = torch.randn(0, N, DIM, requires_grad=True)
+        out = fused(x, mask)
+        out.sum().backward()
+        assert out.shape == (0, N, DIM) and x.grad.shape == x.shape
+        assert not fused.qkv.weight.grad.any()
+    shifted = FusedShiftedWindowAttention(DIM, HEADS, WINDOW, 3)
+    assert shifted(torch.randn(0, 14, 14, DIM)).shape == (0, 14, 14, DIM)
+
+
+def test_attention_dropout_acts_and_is_reproducible():
+    """attn_drop in training: the probabilities are dropped (the output moves) and torch.manual_seed reproduces it."""
+    torch.manual_seed(0)
+    fused = FusedWindowAttention(DIM, HEADS, WINDOW, attn_drop=0.5).train()
+    x, mask = torch.randn(4, N, DIM), _shift_mask(2)
+    torch.manual_seed(1)
+    first = fused(x, mask)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fused(x, mask), first, rtol=0, atol=0)
+    with torch.no_grad():
+        assert not torch.allclose(first, fused.eval()(x, mask), atol=1e-3)

@@ -89,6 +89,15 @@ else:  # pragma: no cover - Windows, or a Python whose os.environ has no _data
     _env_get, _ENV_BACKEND, _ENV_INTERPRET = os.environ.get, "PYKERNELS_BACKEND", "TRITON_INTERPRET"
 
 
+def automatic(explicit: str | None = None) -> bool:
+    """Whether the automatic choice is in force: no ``backend=`` argument, no :func:`use_backend` block, and
+    ``PYKERNELS_BACKEND`` unset (or ``auto``). What :func:`requested_backend` decides, read without resolving it on the
+    hot path (an invalid ``PYKERNELS_BACKEND`` raises as it does)."""
+    if explicit or _CONTEXT_BACKEND.get():
+        return False
+    return not _env_get(_ENV_BACKEND) or requested_backend() is None
+
+
 # ---- what is installed ------------------------------------------------------------------------------------------
 
 

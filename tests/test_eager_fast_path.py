@@ -289,6 +289,8 @@ def test_bad_arguments_still_raise_on_the_fast_path():
 def test_backend_choice_is_respected_on_the_fast_path(monkeypatch, name):
     """argument > use_backend() > PYKERNELS_BACKEND > automatic, as the custom op decides (spy_kernels sees it)."""
     module, case = CASES[name]
+    if hasattr(module, "SMALL_NUMEL"):
+        monkeypatch.setattr(module, "SMALL_NUMEL", 0)  # no ATen route for tiny inputs: test_small_inputs_* below
     ran = spy_kernels(monkeypatch, module.OP)
     tensors, fn = case()
     auto = module.OP.select(tensors[0].device, [tensors[0].dtype])
@@ -314,3 +316,107 @@ def test_backward_pins_the_forwards_backend_on_the_fast_path(monkeypatch):
         out = fn(x, *params)
     out.sum().backward()
     assert ran == ["torch", "torch"]
+
+
+# ---- tiny inputs: drop_path_add on ATen's arithmetic ----------------------------------------------------------------
+
+
+def _spy_aten(monkeypatch):
+    taken = []
+    real = drop_path_ops._aten_fwd
+
+    def spy(*args):
+        taken.append(True)
+        return real(*args)
+
+    monkeypatch.setattr(drop_path_ops, "_aten_fwd", spy)
+    return taken
+
+
+_SMALL_LAYOUTS = {
+    # name: (residual shape, gamma shape or None, how to lay the tensors out)
+    "tokens": ((3, 5, 16), (16,), lambda t: t),
+    "nchw": ((2, 8, 3, 5), (8, 1, 1), lambda t: t),
+    "nchw-1c11": ((2, 8, 3, 5), (1, 8, 1, 1), lambda t: t),
+    "channels_last": ((2, 8, 3, 5), (8, 1, 1), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    "no-gamma": ((4, 7), None, lambda t: t),
+    "c1": ((2, 1, 3, 3), (1, 1, 1), lambda t: t),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", _SMALL_LAYOUTS)
+def test_small_inputs_match_every_kernel_bit_for_bit(monkeypatch, layout, training, dtype):
+    """Under the automatic choice, tiny float32 / float64 CPU calls compute x + (y * g) * scale with ATen's mul / add:
+    the same bits, dtype and strides as the cpp and torch kernels, forward and every gradient (the branch gradient
+    runs the same route; gamma's stays on the kernel)."""
+    shape, gamma_shape, lay = _SMALL_LAYOUTS[layout]
+    torch.manual_seed(0)
+    x, y = lay(torch.randn(shape, dtype=dtype)), lay(torch.randn(shape, dtype=dtype))
+    g = None if gamma_shape is None else torch.randn(gamma_shape, dtype=dtype)
+    taken = _spy_aten(monkeypatch)
+    results = {}
+    for backend in (None, "cpp", "torch"):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, y, g)]
+        torch.manual_seed(1)
+        with torch.no_grad():
+            out = F.drop_path_add(x, y, 0.5, g, training=training, backend=backend)
+        torch.manual_seed(1)
+        out_grad = F.drop_path_add(leaves[0], leaves[1], 0.5, leaves[2], training=training, backend=backend)
+        grads = torch.autograd.grad(out_grad.sum(), [t for t in leaves if t is not None])  # broadcast grad_out
+        results[backend] = (out, out_grad, *grads)
+        if backend is None:  # no-grad and autograd forwards, and the branch gradient when it is the op itself
+            assert len(taken) == (2 + (g is None) if y.is_contiguous() else 0)
+    for backend in ("cpp", "torch"):
+        # gamma's gradient is a reduction: the automatic route's is the cpp kernel's, the torch backend sums otherwise
+        pairs = list(zip(results[None], results[backend]))[: 5 if backend == "cpp" or g is None else 4]
+        for a, b in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(a, b)
+
+
+def test_small_inputs_drop_path_module_matches_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 16)
+    taken = _spy_aten(monkeypatch)
+    module = pykernels.DropPath(0.3).train()
+    outs = []
+    for backend in (None, "cpp"):
+        module.backend = backend
+        torch.manual_seed(3)
+        outs.append(module(x))
+    assert taken == [True]
+    assert torch.equal(outs[0], outs[1]) and (outs[0] == 0).any()
+
+
+def test_small_inputs_route_only_where_the_bits_are_the_same(monkeypatch):
+    """Not taken: half precisions (the kernels compute in float32 and round once), mixed dtypes, large or
+    non-contiguous branches, an explicit backend (argument, use_backend, PYKERNELS_BACKEND), the custom op itself."""
+    taken = _spy_aten(monkeypatch)
+    x = torch.randn(4, 16)
+    g = torch.randn(16)
+    with torch.no_grad():
+        F.drop_path_add(x, x, 0.1, g, training=False)
+        assert len(taken) == 1
+        F.drop_path_add(x.half(), x.half(), 0.1, g.half(), training=False)
+        F.drop_path_add(x.bfloat16(), x.bfloat16(), 0.1, training=False)
+        F.drop_path_add(x, x, 0.1, g.double(), training=False)
+        F.drop_path_add(x.double(), x, 0.1, training=False)
+        big = torch.randn(2, drop_path_ops.SMALL_NUMEL)
+        F.drop_path_add(big, big, 0.1, training=False)
+        F.drop_path_add(x.t(), x.t(), 0.1, training=False)
+        F.drop_path_add(x, x, 0.1, g, training=False, backend="cpp")
+        with pykernels.use_backend("torch"):
+            F.drop_path_add(x, x, 0.1, g, training=False)
+        monkeypatch.setenv("PYKERNELS_BACKEND", "cpp")
+        F.drop_path_add(x, x, 0.1, g, training=False)
+        monkeypatch.setenv("PYKERNELS_BACKEND", "auto")
+        F.drop_path_add(x, x, 0.1, g, training=False)
+        assert len(taken) == 2
+        monkeypatch.setenv("PYKERNELS_BACKEND", "nope")
+        with pytest.raises(ValueError, match="PYKERNELS_BACKEND='nope'"):
+            F.drop_path_add(x, x, 0.1, g, training=False)
+        monkeypatch.delenv("PYKERNELS_BACKEND")
+        drop_path_ops.drop_path_add(x, x, None, g, 1)  # the custom op: its kernels, its fake's strides
+    assert len(taken) == 2

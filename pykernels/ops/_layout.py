@@ -16,10 +16,11 @@ import torch
 def is_non_overlapping_and_dense(t: torch.Tensor) -> bool:
     """The elements fill ``numel`` consecutive slots in some dim order (size-1 dims ignored)."""
     expected = 1
-    for dim in sorted((d for d in range(t.dim()) if t.shape[d] != 1), key=t.stride):
-        if t.stride(dim) != expected:
+    shape, strides = t.shape, t.stride()  # read once: each read is a call into C
+    for dim in sorted((d for d in range(len(shape)) if shape[d] != 1), key=strides.__getitem__):
+        if strides[dim] != expected:
             return False
-        expected *= t.shape[dim]
+        expected *= shape[dim]
     return True
 
 

@@ -120,6 +120,59 @@ def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+# ---- tiny CPU tensors: ATen's own arithmetic -----------------------------------------------------------------------
+
+#: The most elements of ``branch`` that the eager routes (``drop_path_add_call``: no autograd, or the op's
+#: autograd.Function) compute with ATen's elementwise ops instead of a backend's kernel. Below it the boxed call of a
+#: compiled kernel costs more than the two or three passes of ATen's ``mul`` / ``add`` over a few KB; the values are
+#: the same bits (see :func:`small_aten`).
+SMALL_NUMEL = 4096
+_F32, _F64 = torch.float32, torch.float64
+
+
+def small_aten(residual, branch, scale, gamma, out_dtype=None, backend=None) -> bool:
+    """Whether an eager call computes ``residual + (branch * gamma[c]) * scale[b]`` with ATen's ``mul`` / ``add``:
+    CPU tensors of at most :data:`SMALL_NUMEL` elements, every tensor (and the output) float32, or every one float64,
+    ``branch`` contiguous (or, without a residual, a broadcast scalar such as the gradient of a ``sum()``: contiguous
+    output on both paths), and the automatic backend choice in force (an explicit ``backend=`` / ``use_backend`` /
+    ``PYKERNELS_BACKEND`` always runs its kernel).
+
+    The result is bit-identical to the ``cpp`` and ``torch`` backends': they compute in the tensors' own dtype there,
+    rounding each multiply and add on its own (the extension is built with ``-ffp-contract=off``) in the same order,
+    ``(branch * gamma) * scale + residual``, which is what these ATen calls do. Not for the custom op itself, whose
+    output strides are its fake's (``torch.compile`` and ``opcheck`` see those)."""
+    dtype = branch.dtype
+    return (
+        (dtype is _F32 or dtype is _F64)
+        and (residual is None or residual.dtype is dtype)
+        and (gamma is None or gamma.dtype is dtype)
+        and (scale is None or scale.dtype is dtype)
+        and (out_dtype is None or out_dtype is dtype)
+        and branch.numel() <= SMALL_NUMEL
+        and branch.is_cpu
+        and (branch.is_contiguous() or residual is None and not any(branch.stride()))
+        and backends.automatic(backend)
+    )
+
+
+def _aten_fwd(residual, branch, scale, gamma, channel_dim):
+    """``residual + (branch * gamma[c]) * scale[b]`` as ATen ops, in the kernels' order (see :func:`small_aten`)."""
+    rest = branch.dim() - 1
+    if gamma is not None:
+        out = torch.mul(branch, gamma if channel_dim == rest else gamma.view((-1,) + (1,) * (rest - channel_dim)))
+        if scale is not None:
+            out.mul_(scale.view((-1,) + (1,) * rest))
+    elif scale is not None:
+        out = torch.mul(branch, scale.view((-1,) + (1,) * rest))
+    elif residual is not None:
+        return torch.add(branch, residual)
+    else:
+        return branch.clone(memory_format=torch.contiguous_format)
+    if residual is not None:
+        out.add_(residual)
+    return out
+
+
 # ---- pykernels::drop_path_add (forward, autograd) ---------------------------------------------------------------
 
 
@@ -159,7 +212,8 @@ def _setup_context(ctx, inputs, output):
     # what backward needs: B scale values, C gamma values, and branch only for gamma's gradient
     ctx.save_for_backward(scale, gamma, branch if ctx.need_grad_gamma else None)
     ctx.channel_dim = channel_dim
-    ctx.backend = backends.requested_backend(backend)  # the explicit choice in force now (docs/adding-an-op.md)
+    # the explicit choice in force now (docs/adding-an-op.md); the automatic one is read without os.environ
+    ctx.backend = None if backends.automatic(backend) else backends.requested_backend(backend)
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.branch_dtype = branch.dtype
 
@@ -181,15 +235,24 @@ def _backward(ctx, grad):
     return grad_residual, grad_branch, None, grad_gamma, None, None, None
 
 
+def _fwd_eager(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None):
+    """The forward of the eager routes: :func:`_fwd_body`, or ATen's arithmetic on tiny tensors (same values)."""
+    if small_aten(residual, branch, scale, gamma, out_dtype, backend):
+        return _aten_fwd(residual, branch, scale, gamma, channel_dim)
+    return _fwd_body(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
+
+
 drop_path_add.register_fake(_fwd_fake)
 drop_path_add.register_autograd(_backward, setup_context=_setup_context)
-_DropPathAdd = _eager.autograd_function("_DropPathAdd", _fwd_body, _setup_context, _backward)
+_DropPathAdd = _eager.autograd_function("_DropPathAdd", _fwd_eager, _setup_context, _backward)
 
 
 def drop_path_add_call(residual, branch, scale, gamma, channel_dim, out_dtype=None, backend=None) -> torch.Tensor:
     """pykernels::drop_path_add, in eager without the custom-op wrapper when nothing needs it (ops/_eager.py)."""
     route = _eager.route(residual, branch, scale, gamma)
     if route == _eager.DIRECT:
+        if small_aten(residual, branch, scale, gamma, out_dtype, backend):
+            return _aten_fwd(residual, branch, scale, gamma, channel_dim)
         return _fwd_body(residual, branch, scale, gamma, channel_dim, out_dtype, backend)
     if route == _eager.AUTOGRAD:
         return _DropPathAdd.apply(residual, branch, scale, gamma, channel_dim, out_dtype, backend)

@@ -23,14 +23,17 @@ is int64 (``B * C * H * W`` may pass 2**31), offsets inside an image int32 (the 
   shape only, partials reduced with ``Tensor.sum(0)``; no atomics):
   1. ``_dwconv_ln_bwd_dy_kernel``, same tiling as the forward (single pass or chunked in two passes): recomputes ``y``
      and ``xhat = (y - mean) * rstd``, ``dy = rstd * (gw - mean_c(gw) - xhat * mean_c(gw * xhat))`` with ``gw = g *
-     ln_weight``, into an fp32 (B, H, W, C) workspace, and per-tile partial sums of ``g * xhat``, ``g`` and ``dy``
-     (grad_ln_weight, grad_ln_bias, grad_conv_bias) into a (tiles, 3, C) fp32 buffer;
+     ln_weight``, computed in fp32 and stored into a (B, H, W, C) workspace in x's dtype (fp16 / bf16 / fp32:
+     ``dy_dtype``), and per-tile partial sums of ``g * xhat``, ``g`` and the fp32 ``dy`` (grad_ln_weight,
+     grad_ln_bias, grad_conv_bias) into a (tiles, 3, C) fp32 buffer;
   2. ``_dwconv_ln_bwd_dx_kernel``: ``grad_x`` = the transposed depthwise conv of ``dy``, written in ``x``'s layout;
   3. ``_dwconv_ln_bwd_dw_kernel``: program = (pixel group, tap row ``i``, channel block); accumulates ``dy[p, c] *
      x[p + (i - r, j - r), c]`` for all ``j`` at once in a (BLOCK_P, next_pow2(k), BLOCK_C) register tile over the
      group's pixel tiles, and writes one (C, k, k) partial of ``grad_weight`` per group.
-  The transient workspace is ``4 * B * H * W * C`` bytes (dy) plus partial sums; what autograd saves stays ``x``,
-  ``mean``, ``rstd``.
+  The grad kernels load ``dy`` and accumulate in fp32. The transient workspace is ``B * H * W * C`` elements of x's
+  dtype (dy: 2 bytes each for fp16 / bf16, half of an fp32 workspace; rounding dy to x's dtype is the rounding eager
+  PyTorch's LayerNorm backward does to its grad_input) plus partial sums; what autograd saves stays ``x``, ``mean``,
+  ``rstd``.
 
 Tiles, warps and the chunking threshold come from the tables below (``_fwd_config``, ``_dx_config``, ``_dw_config``),
 which the AOT gate's specs (tests/gpu_check/specs/dwconv_ln.py) follow; every launch passes ``maxnreg=MAXNREG`` (128:
@@ -327,7 +330,7 @@ def _dwconv_ln_bwd_dy_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # one program = one pixel tile x all channels: dy into the fp32 (B, H, W, C) workspace and, if NEED_PARTIALS,
+    # one program = one pixel tile x all channels: dy into the (B, H, W, C) workspace (x's dtype) and, if NEED_PARTIALS,
     # this tile's sums over its pixels of g * xhat, g, dy into PARTIAL[tile, 0:3, :]
     BLOCK_P: tl.constexpr = BLOCK_H * BLOCK_W
     tile = tl.program_id(0)
@@ -402,7 +405,8 @@ def _dwconv_ln_bwd_dy_kernel(
                 g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
             )
             dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
-            tl.store(dy_image + (dy_rows + channels[None, :]), dy, mask=pixel_ok[:, None] & channel_ok[None, :])
+            dy_mask = pixel_ok[:, None] & channel_ok[None, :]
+            tl.store(dy_image + (dy_rows + channels[None, :]), dy.to(DY.dtype.element_ty), mask=dy_mask)
             if NEED_PARTIALS:
                 tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
                 tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
@@ -435,7 +439,8 @@ def _dwconv_ln_bwd_dy_kernel(
         mean_gw = tl.sum(gw, axis=1) / C
         mean_gw_xhat = tl.sum(gw * xhat, axis=1) / C
         dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
-        tl.store(dy_image + (dy_rows + channels[None, :]), dy, mask=pixel_ok[:, None] & channel_ok[None, :])
+        dy_mask = pixel_ok[:, None] & channel_ok[None, :]
+        tl.store(dy_image + (dy_rows + channels[None, :]), dy.to(DY.dtype.element_ty), mask=dy_mask)
         if NEED_PARTIALS:
             tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
             tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
@@ -480,6 +485,7 @@ def _dwconv_ln_bwd_dx_kernel(
             src_ok = h_ok & (w_src >= 0) & (w_src < W)
             shift = -((i - pad) * W + (j - pad)) * C
             dy = tl.load(dy_image + (centre + shift), mask=src_ok[:, None] & channel_ok[None, :], other=0.0)
+            dy = dy.to(tl.float32)
             w = tl.load(weight_ptrs + (i * ksize + j), mask=channel_ok, other=0.0)
             acc += dy * w.to(tl.float32)[None, :]
     pixel_ok = (hh < H) & (ww < W)
@@ -529,7 +535,7 @@ def _dwconv_ln_bwd_dw_kernel(
         b, hh, ww = _tile_pixels(tile, tiles_w, tiles_per_image, BLOCK_H, BLOCK_W)
         pixel_ok = (hh < H) & (ww < W)
         dy_ptrs = DY + b * H * W * C + (((hh * W + ww) * C)[:, None] + channels[None, :])
-        dy = tl.load(dy_ptrs, mask=pixel_ok[:, None] & channel_ok[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=pixel_ok[:, None] & channel_ok[None, :], other=0.0).to(tl.float32)
         h_in = hh + (i - pad)
         w_in = ww[:, None] + (taps - pad)[None, :]  # (BLOCK_P, BLOCK_K)
         in_ok = ((h_in >= 0) & (h_in < H))[:, None] & (w_in >= 0) & (w_in < W) & tap_ok[None, :]
@@ -600,6 +606,11 @@ def _dw_config(channels: int, ksize: int, interp: bool) -> tuple[int, int, int, 
 
 
 # ---- launchers --------------------------------------------------------------------------------------------------
+
+
+def dy_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the backward's dy workspace: x's (fp16 / bf16 / fp32; the kernels accumulate in fp32 either way)."""
+    return x_dtype if x_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 def _check_image_span(name: str, t: torch.Tensor) -> None:
@@ -707,12 +718,12 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
     interp = interpreting(x)
     device = x.device
 
-    # 1. dy (fp32 workspace) and the per-tile partial sums of the LayerNorm / conv-bias grads
+    # 1. dy (workspace in x's dtype) and the per-tile partial sums of the LayerNorm / conv-bias grads
     block_p, block_c, chunked, num_warps = _fwd_config(channels, interp, backward=True)
     block_h, block_w = _pixel_tile(block_p, height, width, interp)
     tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
     num_tiles = batch * tiles_per_image
-    dy = torch.empty((batch, height, width, channels), dtype=torch.float32, device=device)
+    dy = torch.empty((batch, height, width, channels), dtype=dy_dtype(x.dtype), device=device)
     partial = torch.empty((num_tiles, 3, channels) if need_grad_params else (1,), dtype=torch.float32, device=device)
     _dwconv_ln_bwd_dy_kernel[(num_tiles,)](
         dy,

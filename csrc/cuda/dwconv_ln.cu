@@ -19,8 +19,9 @@
 //                              coalesced over C, mean / rstd by lane 0.
 //   dwconv_ln_bwd_dy_kernel    tiles grid-strided over a fixed grid: y recomputed into the stash as above; one warp
 //                              per pixel reduces a = mean(gw), m2 = mean(gw * xhat); then one thread per channel
-//                              writes dy (fp32 workspace (B, H, W, C)) and accumulates sum dy, sum g * xhat, sum g
-//                              for its channels in shared memory -> partial[block, 3, C].
+//                              writes dy (computed in acc_t, stored in a (B, H, W, C) workspace of x's dtype: 2
+//                              bytes an element for fp16 / bf16) and accumulates sum dy (unrounded), sum g * xhat,
+//                              sum g for its channels in shared memory -> partial[block, 3, C].
 //   dwconv_ln_bwd_input_kernel grad_x: the conv of the dy workspace with the flipped weights (same staging), written
 //                              in x's layout.
 //   dwconv_ln_bwd_weight_kernel grid (channel chunk, group): block (chunk, g) walks tiles g, g + G, ... and sums
@@ -255,7 +256,7 @@ __global__ void dwconv_ln_fwd_kernel(T* __restrict__ out, acc_t* __restrict__ me
 // grid.x blocks walk the B * H * tiles_w tiles (grid-strided). Dynamic smem: y stash (TW, C), tile, weights, per-pixel
 // stats (4, TW), and when partial != nullptr the block's channel sums (3, C), each owned by one thread.
 template <typename T, typename G, typename acc_t>
-__global__ void dwconv_ln_bwd_dy_kernel(acc_t* __restrict__ dy_ws, acc_t* __restrict__ partial,
+__global__ void dwconv_ln_bwd_dy_kernel(T* __restrict__ dy_ws, acc_t* __restrict__ partial,
                                         const G* __restrict__ grad_out, const T* __restrict__ x,
                                         const acc_t* __restrict__ weight, const acc_t* __restrict__ conv_bias,
                                         const acc_t* __restrict__ ln_weight, const acc_t* __restrict__ mean,
@@ -313,7 +314,7 @@ __global__ void dwconv_ln_bwd_dy_kernel(acc_t* __restrict__ dy_ws, acc_t* __rest
         const acc_t xhat = (y_s[p * channels + c] - stats_s[p]) * rs;
         const acc_t g = static_cast<acc_t>(grad_out[(pixel0 + p) * channels + c]);
         const acc_t dy = rs * (g * lw - stats_s[2 * tile_w + p] - xhat * stats_s[3 * tile_w + p]);
-        dy_ws[(pixel0 + p) * channels + c] = dy;
+        dy_ws[(pixel0 + p) * channels + c] = static_cast<T>(dy);
         s_dy += dy;
         s_gx += g * xhat;
         s_g += g;
@@ -340,7 +341,7 @@ __global__ void dwconv_ln_bwd_dy_kernel(acc_t* __restrict__ dy_ws, acc_t* __rest
 // grid.x: B * H * tiles_w tiles; dy_ws (B, H, W, C) read as a channels-last image; grad_x written through x's
 // strides (consecutive threads on consecutive channels for channels_last, on consecutive pixels for NCHW).
 template <typename T, typename acc_t>
-__global__ void dwconv_ln_bwd_input_kernel(T* __restrict__ grad_x, const acc_t* __restrict__ dy_ws,
+__global__ void dwconv_ln_bwd_input_kernel(T* __restrict__ grad_x, const T* __restrict__ dy_ws,
                                            const acc_t* __restrict__ weight, TileSource dy_src, int64_t x_stride_b,
                                            int64_t x_stride_c, int64_t x_stride_h, int64_t x_stride_w, int tiles_w,
                                            int tile_w, int cc, bool x_channels_last) {
@@ -349,7 +350,7 @@ __global__ void dwconv_ln_bwd_input_kernel(T* __restrict__ grad_x, const acc_t* 
   acc_t* tile_s = reinterpret_cast<acc_t*>(smem);
   acc_t* w_s = tile_s + cc * k * tile_row(tile_w, k);
   const Tile tile = tile_of(blockIdx.x, tiles_w, dy_src.height, dy_src.width, tile_w);
-  const acc_t* dy_b = dy_ws + tile.b * dy_src.height * dy_src.width * channels;
+  const T* dy_b = dy_ws + tile.b * dy_src.height * dy_src.width * channels;
   T* gx = grad_x + tile.b * x_stride_b + tile.h * x_stride_h + tile.w0 * x_stride_w;
   for (int c0 = 0; c0 < channels; c0 += cc) {
     __syncthreads();
@@ -367,7 +368,7 @@ __global__ void dwconv_ln_bwd_input_kernel(T* __restrict__ grad_x, const acc_t* 
 // (CC, k, L), dy tile (TW, CC), the block's CC * k * k sums (each owned by one thread).
 template <typename T, typename acc_t>
 __global__ void dwconv_ln_bwd_weight_kernel(acc_t* __restrict__ partial_w, const T* __restrict__ x,
-                                            const acc_t* __restrict__ dy_ws, TileSource src, int64_t x_stride_b,
+                                            const T* __restrict__ dy_ws, TileSource src, int64_t x_stride_b,
                                             int64_t tiles, int tiles_w, int tile_w, int cc) {
   PYKERNELS_DYNAMIC_SHARED(unsigned char, smem);
   const int channels = src.channels, k = src.k, kk = k * k, row = tile_row(tile_w, k);
@@ -385,7 +386,7 @@ __global__ void dwconv_ln_bwd_weight_kernel(acc_t* __restrict__ partial_w, const
     stage_input(tile_s, x + tile.b * x_stride_b, src, c0, cc, tile.h, tile.w0, tile_w);
     for (int e = threadIdx.x; e < tile_w * cc; e += blockDim.x) {
       const int p = e / cc, cl = e % cc, c = c0 + cl;
-      dyt_s[e] = p < tile.n_pix && c < channels ? dy_ws[(pixel0 + p) * channels + c] : acc_t(0);
+      dyt_s[e] = p < tile.n_pix && c < channels ? static_cast<acc_t>(dy_ws[(pixel0 + p) * channels + c]) : acc_t(0);
     }
     __syncthreads();
     for (int m = threadIdx.x; m < n_items; m += blockDim.x) {
@@ -542,7 +543,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
   const int64_t k = geo.kernel, channels = geo.channels;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const TileSource src = x_source(geo);
-  at::Tensor dy_ws = at::empty({geo.batch, geo.height, geo.width, channels}, x.options().dtype(compute));
+  // dy workspace in x's dtype (fp16 / bf16 / fp32 / fp64): computed in acc_t, rounded once when stored.
+  at::Tensor dy_ws = at::empty({geo.batch, geo.height, geo.width, channels}, x.options());
 
   // dy (+ partial sums of grad_conv_bias, grad_ln_weight, grad_ln_bias when the parameter grads are wanted)
   const Plan dy_plan = make_plan(
@@ -586,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
       const auto kernel = &dwconv_ln_bwd_dy_kernel<T, G, acc_t>;
       allow_smem(kernel, dy_plan.smem);
       PYKERNELS_LAUNCH(kernel, dim3(static_cast<unsigned>(dy_blocks)), dim3(kThreads), dy_plan.smem, stream,
-                       dy_ws.mutable_data_ptr<acc_t>(), need_grad_params ? partial.mutable_data_ptr<acc_t>() : nullptr,
+                       dy_ws.mutable_data_ptr<T>(), need_grad_params ? partial.mutable_data_ptr<acc_t>() : nullptr,
                        grad.const_data_ptr<G>(), x.const_data_ptr<T>(), ptr(w), ptr(cb), ptr(lw),
                        mean_c.const_data_ptr<acc_t>(), rstd_c.const_data_ptr<acc_t>(), src, geo.x_stride_b,
                        dy_plan.tiles, static_cast<int>(dy_plan.tiles_w), dy_plan.tile_w, dy_plan.cc);
@@ -598,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
       const auto kernel = &dwconv_ln_bwd_input_kernel<T, acc_t>;
       allow_smem(kernel, in_plan.smem);
       PYKERNELS_LAUNCH(kernel, dim3(static_cast<unsigned>(in_plan.tiles)), dim3(kThreads), in_plan.smem, stream,
-                       outs.grad_x.mutable_data_ptr<T>(), dy_ws.const_data_ptr<acc_t>(), ptr(w), dy_src,
+                       outs.grad_x.mutable_data_ptr<T>(), dy_ws.const_data_ptr<T>(), ptr(w), dy_src,
                        geo.x_stride_b, geo.x_stride_c, geo.x_stride_h, geo.x_stride_w,
                        static_cast<int>(in_plan.tiles_w), in_plan.tile_w, in_plan.cc, geo.channels_last);
     }
@@ -607,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_ln
       allow_smem(kernel, w_plan.smem);
       PYKERNELS_LAUNCH(kernel, dim3(static_cast<unsigned>(w_chunks), static_cast<unsigned>(w_groups)), dim3(kThreads),
                        w_plan.smem, stream, partial_w.mutable_data_ptr<acc_t>(), x.const_data_ptr<T>(),
-                       dy_ws.const_data_ptr<acc_t>(), src, geo.x_stride_b, w_plan.tiles,
+                       dy_ws.const_data_ptr<T>(), src, geo.x_stride_b, w_plan.tiles,
                        static_cast<int>(w_plan.tiles_w), w_plan.tile_w, w_plan.cc);
     }
   });

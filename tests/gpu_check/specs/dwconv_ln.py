@@ -5,7 +5,8 @@ One dict per specialisation the launchers ``dwconv_ln_fwd`` / ``dwconv_ln_bwd`` 
 ``K._fwd_config``, ``K._dx_config``, ``K._dw_config``, ``K._pixel_tile``). Int args are specialised as the JIT does
 it: "a16" = a 56 x 56 map with C a multiple of 16 (ConvNeXt stages), 16-byte aligned tensors; "odd" = a 13 x 13 map,
 C = 200 (or the class's odd C), x an offset view; value 1 -> constexpr (the unit stride of the layout: stride_xw in
-NCHW, stride_xc in channels-last). ``_aot_specs(full=True)``: the whole product, for calibrating the tables.
+NCHW, stride_xc in channels-last). The backward's dy workspace ``DY`` has the launcher's dtype (``K.dy_dtype``: x's).
+``_aot_specs(full=True)``: the whole product, for calibrating the tables.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
             aligned += ["OUT", "MEAN", "RSTD", "LN_BIAS"]
             extra = f"-lb{has_lb:d}"
         else:
-            sig.update(DY="*fp32", PARTIAL="*fp32", GRAD_OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32")
+            sig.update(DY=ptr[K.dy_dtype(x_dtype)], PARTIAL="*fp32", GRAD_OUT=ptr[x_dtype], MEAN="*fp32", RSTD="*fp32")
             const["NEED_PARTIALS"] = need_partials
             aligned += ["DY", "PARTIAL", "GRAD_OUT", "MEAN", "RSTD"]
             extra = f"-partials{need_partials:d}"
@@ -101,7 +102,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
         values = {("stride_gx" + k[len("stride_x") :] if k.startswith("stride_x") else k): v for k, v in values.items()}
         values.update(grid_ints(values, block_h, block_w))
         sig, pinned, div = classify(values)
-        sig.update(GRAD_X=ptr[x_dtype], DY="*fp32", WEIGHT=ptr[p_dtype], ksize="i32")
+        sig.update(GRAD_X=ptr[x_dtype], DY=ptr[K.dy_dtype(x_dtype)], WEIGHT=ptr[p_dtype], ksize="i32")
         return {
             "kernel": K._dwconv_ln_bwd_dx_kernel,
             "label": f"{mix}/{layout}-{shape}/{block_h}x{block_w}xC{block_c}-w{num_warps}",
@@ -120,7 +121,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
         values.update(grid_ints(values, block_h, block_w))
         values.update(num_tiles=8 * values["tiles_per_image"], tiles_per_group=values["tiles_per_image"] + 1)
         sig, pinned, div = classify(values)
-        sig.update(PARTIAL_W="*fp32", DY="*fp32", X=ptr[x_dtype], ksize="i32")
+        sig.update(PARTIAL_W="*fp32", DY=ptr[K.dy_dtype(x_dtype)], X=ptr[x_dtype], ksize="i32")
         aligned = ("PARTIAL_W", "DY", "X") if shape == "a16" else ("PARTIAL_W", "DY")
         return {
             "kernel": K._dwconv_ln_bwd_dw_kernel,

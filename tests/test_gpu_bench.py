@@ -38,3 +38,27 @@ def test_without_a_gpu_it_refuses_and_runs_nothing():
     proc = _run("--deadline-s", "60")
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr
+
+
+def test_gpu_time_model_is_a_roofline_and_labels_every_figure(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_model
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    h100 = gpu_model.GPUS[0]
+    # memory-bound: 3.35 GB at 3.35 TB/s is 1 ms; compute-bound: 989 GFLOP on the tensor cores is 1 ms
+    assert gpu_model.predict(3.35e9, 0, True, h100) == pytest.approx(1e-3)
+    assert gpu_model.predict(0, 989e9, True, h100) == pytest.approx(1e-3)
+    assert gpu_model.predict(0, 67e9, False, h100) == pytest.approx(1e-3)
+    out = tmp_path / "model.md"
+    assert gpu_model.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    assert "model, not measured" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    ops = {line.split(" | ")[0].strip("| ") for line in rows}
+    assert {"drop_path_add", "dwconv_ln", "attention"} <= ops and any(o.startswith("mbconv_se") for o in ops)
+    for line in rows:  # every row: modelled bytes at or above the op's minimum, a finite speed-up
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[5].split(" ")[0]) >= float(cells[4]) * 0.999
+        assert cells[-1].endswith("x") and float(cells[-1][:-1]) > 0

@@ -235,9 +235,27 @@ def test_config_tables():
     """Single pass up to SINGLE_PASS_MAX_CHANNELS, chunked above (ConvNeXt-XL's 2048 included); tiles stay within the
     per-program element budget the AOT gate was run with."""
     for channels in (3, 96, 200, 768, 1024):
-        block_p, block_c, chunked, _ = kernels._fwd_config(channels, interp=False)
-        assert not chunked and block_c >= channels and block_p * block_c <= kernels.TILE_ELEMENTS
+        block_p, block_c, thirds, chunked, _ = kernels._fwd_config(channels, interp=False)
+        lanes = 3 * block_c if thirds else block_c
+        assert not chunked and lanes >= channels and block_p * lanes <= kernels.TILE_ELEMENTS
     for channels in (1025, 1536, 2048, 4096):
-        block_p, block_c, chunked, _ = kernels._fwd_config(channels, interp=False)
-        assert chunked and block_c == kernels.CHUNK_CHANNELS and block_p * block_c <= kernels.TILE_ELEMENTS
-    assert kernels._fwd_config(CHUNKED_C, interp=True)[2], "the interpreter tests must reach the chunked path"
+        block_p, block_c, thirds, chunked, _ = kernels._fwd_config(channels, interp=False)
+        assert (
+            chunked and not thirds and block_c == kernels.CHUNK_CHANNELS and block_p * block_c <= kernels.TILE_ELEMENTS
+        )
+    assert kernels._fwd_config(CHUNKED_C, interp=True)[3], "the interpreter tests must reach the chunked path"
+    assert kernels._fwd_config(24, interp=True)[2], "the interpreter tests must reach the three-tile rows"
+
+
+@pytest.mark.parametrize("channels", [96, 192, 384, 768])
+def test_convnext_widths_have_no_masked_channel_lanes(channels):
+    """Issue 13: at ConvNeXt's C = 96 * 2^n every GPU tile of the forward, dy and grad_x kernels is full along C (the
+    power-of-two tiles idled 25% of their lanes), with the same pixels per program and <= 16 fp32 per thread."""
+    for backward in (False, True):
+        block_p, block_c, thirds, chunked, warps = kernels._fwd_config(channels, interp=False, backward=backward)
+        assert thirds and not chunked and 3 * block_c == channels
+        assert block_p == kernels.TILE_ELEMENTS // (2 if backward else 1) // triton.next_power_of_2(channels)
+        assert block_p * 3 * block_c <= 16 * 32 * warps
+    block_p, block_c, _ = kernels._dx_config(channels, interp=False)
+    assert channels % block_c == 0 and block_c >= 32
+    assert channels % kernels._dw_config(channels, 7, interp=False)[1] == 0

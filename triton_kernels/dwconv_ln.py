@@ -13,8 +13,11 @@ the loops rolled: with a constexpr ``k`` the unrolled taps pushed chunked specia
 is read through its four strides (NCHW or channels-last in place, no copy). Offsets: the image base ``b * stride_b``
 is int64 (``B * C * H * W`` may pass 2**31), offsets inside an image int32 (the launchers check ``< 2**31``).
 
-* forward (``_dwconv_ln_fwd_kernel``): when ``next_pow2(C) <= SINGLE_PASS_MAX_CHANNELS`` one tile holds every channel
-  of its pixels: conv, exact two-pass mean / biased variance in registers, normalised store. Wider ``C`` is chunked:
+* forward (``_dwconv_ln_fwd_kernel``): when ``next_pow2(C) <= SINGLE_PASS_MAX_CHANNELS`` the program holds every
+  channel of its pixels in registers: conv, exact two-pass mean / biased variance, normalised store. The channel row
+  is one ``next_pow2(C)`` tile, or three ``BLOCK_C = next_pow2(C) / 4`` tiles (``THIRDS``) when ``C <= 3 BLOCK_C``:
+  ConvNeXt's C = 96 * 2^n fills 3 x 32 * 2^n lanes exactly instead of idling a quarter of a 128 * 2^n tile
+  (``_channel_tiles``; Triton tiles are powers of two, three of them are not). Wider ``C`` is chunked:
   pass 1 computes the conv of each ``BLOCK_C`` chunk and merges the chunk's (mean, sum of squared deviations) into
   the pixel's running pair (Chan et al.'s parallel variance: no ``E[y^2] - E[y]^2`` cancellation); pass 2 recomputes
   the conv of each chunk and stores it normalised. Nothing unnormalised is ever written. ``mean`` / ``rstd`` (B, H,
@@ -40,7 +43,8 @@ which the AOT gate's specs (tests/gpu_check/specs/dwconv_ln.py) follow; every la
 two 8-warp programs per SM). fp16 / bf16 / fp32 inputs (parameters in x's dtype or fp32), fp32 accumulation; FMA
 contraction is left on (``enable_fp_fusion`` default): the conv taps become fused multiply-adds, one rounding per tap
 instead of two. Under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``) the launchers pick bigger tiles
-(fewer, larger numpy programs) but the same chunking threshold, so the chunked path is exercised there too. No
+(fewer, larger numpy programs) but the same chunking threshold and three-tile rows, so both paths are exercised
+there too. No
 ``tl.dot``: bf16 runs in the interpreter.
 """
 
@@ -59,6 +63,8 @@ TILE_ELEMENTS = 4096  # pixels x channels of one program's fp32 tile on GPU (16 
 MAX_BLOCK_P = 64  # pixels per program on GPU (an 8 x 8 tile)
 GPU_BLOCK_W = 8  # tile width on GPU: ConvNeXt maps (56, 28, 14, 7) waste <= 1/8 of a tile row
 DX_MAX_BLOCK_C = 128
+DX_MIN_BLOCK_C = 32  # grad_x channel blocks: 32 to 128 lanes, picked to pad C the least
+MIN_THIRD_BLOCK_C = 8  # the smallest tile of a three-tile channel row (_channel_tiles)
 DW_MAX_BLOCK_C = 32
 DW_TARGET_PROGRAMS = 1024  # grad_weight partition: about this many programs, from the shape only (deterministic)
 # the interpreter runs each program as numpy ops over its whole tile: big tiles, few programs
@@ -143,6 +149,28 @@ def _load_channel_vector(PTR, channels, C, HAS: tl.constexpr, DEFAULT: tl.conste
         return tl.full(channels.shape, DEFAULT, tl.float32)
 
 
+@triton.jit
+def _store_normalised(
+    deviation,
+    channels,
+    OUT_IMAGE,
+    out_rows,
+    pixel_ok,
+    rstd,
+    LN_WEIGHT,
+    LN_BIAS,
+    C,
+    HAS_LN_WEIGHT: tl.constexpr,
+    HAS_LN_BIAS: tl.constexpr,
+):
+    # out[p, c] = (y - mean) * rstd * ln_weight + ln_bias for the tile's channels, in OUT's dtype
+    ln_w = _load_channel_vector(LN_WEIGHT, channels, C, HAS_LN_WEIGHT, 1.0)
+    ln_b = _load_channel_vector(LN_BIAS, channels, C, HAS_LN_BIAS, 0.0)
+    out = deviation * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+    out_mask = pixel_ok[:, None] & (channels < C)[None, :]
+    tl.store(OUT_IMAGE + (out_rows + channels[None, :]), out.to(OUT_IMAGE.dtype.element_ty), mask=out_mask)
+
+
 # ---- forward ----------------------------------------------------------------------------------------------------
 
 
@@ -171,6 +199,7 @@ def _dwconv_ln_fwd_kernel(
     HAS_LN_WEIGHT: tl.constexpr,
     HAS_LN_BIAS: tl.constexpr,
     CHUNKED: tl.constexpr,
+    THIRDS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -245,16 +274,16 @@ def _dwconv_ln_fwd_kernel(
             out_mask = pixel_ok[:, None] & (channels < C)[None, :]
             tl.store(out_image + (out_rows + channels[None, :]), out.to(OUT.dtype.element_ty), mask=out_mask)
     else:
-        # single pass: the whole channel row of each pixel stays in registers
-        channels = lane
-        channel_ok = channels < C
-        y = _conv_tile(
+        # single pass: the whole channel row of each pixel stays in registers, as one BLOCK_C tile or (THIRDS) as
+        # three tiles of channels [0, BLOCK_C), [BLOCK_C, 2 BLOCK_C), [2 BLOCK_C, 3 BLOCK_C) (C = 96 * 2^n: no
+        # masked-off lane); y = 0 past C, so the sums see only real channels
+        y0 = _conv_tile(
             x_image,
             WEIGHT,
             CONV_BIAS,
             hh,
             ww,
-            channels,
+            lane,
             C,
             H,
             W,
@@ -266,14 +295,83 @@ def _dwconv_ln_fwd_kernel(
             BLOCK_P,
             BLOCK_C,
         )
-        mean = tl.sum(y, axis=1) / C
-        deviation = tl.where(channel_ok[None, :], y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(deviation * deviation, axis=1) / C + eps)
-        ln_w = _load_channel_vector(LN_WEIGHT, channels, C, HAS_LN_WEIGHT, 1.0)
-        ln_b = _load_channel_vector(LN_BIAS, channels, C, HAS_LN_BIAS, 0.0)
-        out = deviation * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
-        out_mask = pixel_ok[:, None] & channel_ok[None, :]
-        tl.store(out_image + (out_rows + channels[None, :]), out.to(OUT.dtype.element_ty), mask=out_mask)
+        row_sum = tl.sum(y0, axis=1)
+        if THIRDS:
+            y1 = _conv_tile(
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                BLOCK_C + lane,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            y2 = _conv_tile(
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                2 * BLOCK_C + lane,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            row_sum += tl.sum(y1, axis=1) + tl.sum(y2, axis=1)
+        mean = row_sum / C
+        deviation0 = tl.where((lane < C)[None, :], y0 - mean[:, None], 0.0)
+        row_m2 = tl.sum(deviation0 * deviation0, axis=1)
+        if THIRDS:
+            deviation1 = tl.where((BLOCK_C + lane < C)[None, :], y1 - mean[:, None], 0.0)
+            deviation2 = tl.where((2 * BLOCK_C + lane < C)[None, :], y2 - mean[:, None], 0.0)
+            row_m2 += tl.sum(deviation1 * deviation1, axis=1) + tl.sum(deviation2 * deviation2, axis=1)
+        rstd = 1.0 / tl.sqrt_rn(row_m2 / C + eps)
+        _store_normalised(
+            deviation0, lane, out_image, out_rows, pixel_ok, rstd, LN_WEIGHT, LN_BIAS, C, HAS_LN_WEIGHT, HAS_LN_BIAS
+        )
+        if THIRDS:
+            _store_normalised(
+                deviation1,
+                BLOCK_C + lane,
+                out_image,
+                out_rows,
+                pixel_ok,
+                rstd,
+                LN_WEIGHT,
+                LN_BIAS,
+                C,
+                HAS_LN_WEIGHT,
+                HAS_LN_BIAS,
+            )
+            _store_normalised(
+                deviation2,
+                2 * BLOCK_C + lane,
+                out_image,
+                out_rows,
+                pixel_ok,
+                rstd,
+                LN_WEIGHT,
+                LN_BIAS,
+                C,
+                HAS_LN_WEIGHT,
+                HAS_LN_BIAS,
+            )
     stats_offset = b * H * W
     tl.store(MEAN + stats_offset + pixel, mean, mask=pixel_ok)
     tl.store(RSTD + stats_offset + pixel, rstd, mask=pixel_ok)
@@ -295,6 +393,34 @@ def _dy_chunk(
     else:
         gw = g
     return xhat, g, gw
+
+
+@triton.jit
+def _store_dy(
+    xhat,
+    g,
+    gw,
+    channels,
+    DY_IMAGE,
+    dy_rows,
+    PARTIAL_ROW,
+    pixel_ok,
+    rstd,
+    mean_gw,
+    mean_gw_xhat,
+    C,
+    NEED_PARTIALS: tl.constexpr,
+):
+    # dy of one tile of channels (fp32, stored in DY's dtype) and, if NEED_PARTIALS, its sums over the tile's pixels
+    # of g * xhat, g and the unrounded dy into PARTIAL_ROW[0:3, channels]
+    channel_ok = channels < C
+    dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
+    dy_mask = pixel_ok[:, None] & channel_ok[None, :]
+    tl.store(DY_IMAGE + (dy_rows + channels[None, :]), dy.to(DY_IMAGE.dtype.element_ty), mask=dy_mask)
+    if NEED_PARTIALS:
+        tl.store(PARTIAL_ROW + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
+        tl.store(PARTIAL_ROW + C + channels, tl.sum(g, axis=0), mask=channel_ok)
+        tl.store(PARTIAL_ROW + 2 * C + channels, tl.sum(dy, axis=0), mask=channel_ok)
 
 
 @triton.jit
@@ -326,6 +452,7 @@ def _dwconv_ln_bwd_dy_kernel(
     HAS_LN_WEIGHT: tl.constexpr,
     NEED_PARTIALS: tl.constexpr,
     CHUNKED: tl.constexpr,
+    THIRDS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -382,7 +509,6 @@ def _dwconv_ln_bwd_dy_kernel(
         # pass 2: dy per chunk (conv recomputed), stores and partial sums
         for c0 in range(0, C, BLOCK_C):
             channels = c0 + lane
-            channel_ok = channels < C
             y = _conv_tile(
                 x_image,
                 WEIGHT,
@@ -404,23 +530,31 @@ def _dwconv_ln_bwd_dy_kernel(
             xhat, g, gw = _dy_chunk(
                 g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
             )
-            dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
-            dy_mask = pixel_ok[:, None] & channel_ok[None, :]
-            tl.store(dy_image + (dy_rows + channels[None, :]), dy.to(DY.dtype.element_ty), mask=dy_mask)
-            if NEED_PARTIALS:
-                tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
-                tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
-                tl.store(partial_row + 2 * C + channels, tl.sum(dy, axis=0), mask=channel_ok)
+            _store_dy(
+                xhat,
+                g,
+                gw,
+                channels,
+                dy_image,
+                dy_rows,
+                partial_row,
+                pixel_ok,
+                rstd,
+                mean_gw,
+                mean_gw_xhat,
+                C,
+                NEED_PARTIALS,
+            )
     else:
-        channels = lane
-        channel_ok = channels < C
-        y = _conv_tile(
+        # single pass, one BLOCK_C tile or (THIRDS) three, as in the forward; gw = 0 past C, so the padded channels
+        # drop out of both means
+        y0 = _conv_tile(
             x_image,
             WEIGHT,
             CONV_BIAS,
             hh,
             ww,
-            channels,
+            lane,
             C,
             H,
             W,
@@ -432,19 +566,104 @@ def _dwconv_ln_bwd_dy_kernel(
             BLOCK_P,
             BLOCK_C,
         )
-        xhat, g, gw = _dy_chunk(
-            g_image, LN_WEIGHT, y, mean, rstd, g_rows, pixel_ok, channels, C, stride_gc, HAS_LN_WEIGHT
+        xhat0, g0, gw0 = _dy_chunk(
+            g_image, LN_WEIGHT, y0, mean, rstd, g_rows, pixel_ok, lane, C, stride_gc, HAS_LN_WEIGHT
         )
-        # gw = 0 past C, so the padded channels drop out of both means
-        mean_gw = tl.sum(gw, axis=1) / C
-        mean_gw_xhat = tl.sum(gw * xhat, axis=1) / C
-        dy = rstd[:, None] * (gw - mean_gw[:, None] - xhat * mean_gw_xhat[:, None])
-        dy_mask = pixel_ok[:, None] & channel_ok[None, :]
-        tl.store(dy_image + (dy_rows + channels[None, :]), dy.to(DY.dtype.element_ty), mask=dy_mask)
-        if NEED_PARTIALS:
-            tl.store(partial_row + channels, tl.sum(g * xhat, axis=0), mask=channel_ok)
-            tl.store(partial_row + C + channels, tl.sum(g, axis=0), mask=channel_ok)
-            tl.store(partial_row + 2 * C + channels, tl.sum(dy, axis=0), mask=channel_ok)
+        sum_gw = tl.sum(gw0, axis=1)
+        sum_gw_xhat = tl.sum(gw0 * xhat0, axis=1)
+        if THIRDS:
+            y1 = _conv_tile(
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                BLOCK_C + lane,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            xhat1, g1, gw1 = _dy_chunk(
+                g_image, LN_WEIGHT, y1, mean, rstd, g_rows, pixel_ok, BLOCK_C + lane, C, stride_gc, HAS_LN_WEIGHT
+            )
+            y2 = _conv_tile(
+                x_image,
+                WEIGHT,
+                CONV_BIAS,
+                hh,
+                ww,
+                2 * BLOCK_C + lane,
+                C,
+                H,
+                W,
+                stride_xc,
+                stride_xh,
+                stride_xw,
+                ksize,
+                HAS_CONV_BIAS,
+                BLOCK_P,
+                BLOCK_C,
+            )
+            xhat2, g2, gw2 = _dy_chunk(
+                g_image, LN_WEIGHT, y2, mean, rstd, g_rows, pixel_ok, 2 * BLOCK_C + lane, C, stride_gc, HAS_LN_WEIGHT
+            )
+            sum_gw += tl.sum(gw1, axis=1) + tl.sum(gw2, axis=1)
+            sum_gw_xhat += tl.sum(gw1 * xhat1, axis=1) + tl.sum(gw2 * xhat2, axis=1)
+        mean_gw = sum_gw / C
+        mean_gw_xhat = sum_gw_xhat / C
+        _store_dy(
+            xhat0,
+            g0,
+            gw0,
+            lane,
+            dy_image,
+            dy_rows,
+            partial_row,
+            pixel_ok,
+            rstd,
+            mean_gw,
+            mean_gw_xhat,
+            C,
+            NEED_PARTIALS,
+        )
+        if THIRDS:
+            _store_dy(
+                xhat1,
+                g1,
+                gw1,
+                BLOCK_C + lane,
+                dy_image,
+                dy_rows,
+                partial_row,
+                pixel_ok,
+                rstd,
+                mean_gw,
+                mean_gw_xhat,
+                C,
+                NEED_PARTIALS,
+            )
+            _store_dy(
+                xhat2,
+                g2,
+                gw2,
+                2 * BLOCK_C + lane,
+                dy_image,
+                dy_rows,
+                partial_row,
+                pixel_ok,
+                rstd,
+                mean_gw,
+                mean_gw_xhat,
+                C,
+                NEED_PARTIALS,
+            )
 
 
 @triton.jit
@@ -556,8 +775,12 @@ def _dwconv_ln_bwd_dw_kernel(
 
 
 def _warps_for(elements: int, per_thread: int = 16) -> int:
-    # ~per_thread fp32 tile elements per thread, 1 to 8 warps
-    return max(1, min(8, elements // (32 * per_thread)))
+    # ~per_thread fp32 tile elements per thread at most, 1 to 8 warps (a power of two)
+    return max(1, min(8, triton.next_power_of_2(triton.cdiv(elements, 32 * per_thread))))
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _pixel_tile(block_p: int, height: int, width: int, interp: bool) -> tuple[int, int]:
@@ -570,29 +793,61 @@ def _pixel_tile(block_p: int, height: int, width: int, interp: bool) -> tuple[in
     return block_p // block_w, block_w
 
 
-def _fwd_config(channels: int, interp: bool, backward: bool = False) -> tuple[int, int, bool, int]:
-    """(BLOCK_P, BLOCK_C, CHUNKED, num_warps) of the forward kernel (and of the dy kernel: ``backward``).
+def _channel_tiles(channels: int) -> tuple[int, bool]:
+    """(BLOCK_C, THIRDS) of a single-pass row: ``3 * BLOCK_C`` lanes (THIRDS) when that is fewer than next_pow2(C).
 
-    GPU: single pass up to next_pow2(C) = SINGLE_PASS_MAX_CHANNELS with BLOCK_P * next_pow2(C) = TILE_ELEMENTS (16
-    fp32 per thread); the chunked passes and the dy kernel, which keep more tiles alive, use half the tile (8 per
-    thread at 8 warps; 16 per thread spilled or reached the 255-register cap on sm_80 in the AOT gate).
+    C = 96 * 2^n (ConvNeXt: 96, 192, 384, 768) runs as three tiles of 32 * 2^n channels with no masked-off lane,
+    instead of one next_pow2(C) = 128 * 2^n tile with a quarter of its lanes idle; any C in (next_pow2(C) / 2,
+    3 / 4 next_pow2(C)] takes the thirds (C = 40 -> 3 x 16 lanes, 48 -> 3 x 16), the rest one power-of-two tile.
+    Tiles of fewer than MIN_THIRD_BLOCK_C channels stay one tile.
     """
     c_pad = triton.next_power_of_2(channels)
-    chunked = c_pad > SINGLE_PASS_MAX_CHANNELS
-    block_c = CHUNK_CHANNELS if chunked else c_pad
+    if c_pad >= 4 * MIN_THIRD_BLOCK_C and 4 * channels <= 3 * c_pad:
+        return c_pad // 4, True
+    return c_pad, False
+
+
+def _fwd_config(channels: int, interp: bool, backward: bool = False) -> tuple[int, int, bool, bool, int]:
+    """(BLOCK_P, BLOCK_C, THIRDS, CHUNKED, num_warps) of the forward kernel (and of the dy kernel: ``backward``).
+
+    GPU: single pass up to next_pow2(C) = SINGLE_PASS_MAX_CHANNELS, the row as one tile or three (``_channel_tiles``)
+    with BLOCK_P (a power of two) * lanes <= TILE_ELEMENTS (at most 16 fp32 per thread); the chunked passes and the dy
+    kernel, which keep more tiles alive, use half the tile (8 per thread at 8 warps; 16 per thread spilled or reached
+    the 255-register cap on sm_80 in the AOT gate).
+    """
+    chunked = triton.next_power_of_2(channels) > SINGLE_PASS_MAX_CHANNELS
+    block_c, thirds = (CHUNK_CHANNELS, False) if chunked else _channel_tiles(channels)
+    lanes = 3 * block_c if thirds else block_c
     if interp:
-        return max(1, min(INTERP_MAX_BLOCK_P, INTERP_TILE_ELEMENTS // block_c)), block_c, chunked, 4
+        return (
+            max(1, min(INTERP_MAX_BLOCK_P, _prev_power_of_2(INTERP_TILE_ELEMENTS // lanes))),
+            block_c,
+            thirds,
+            chunked,
+            4,
+        )
     per_thread = 8 if (chunked or backward) else 16
     tile = TILE_ELEMENTS * per_thread // 16
-    block_p = max(1, min(MAX_BLOCK_P, tile // block_c))
-    return block_p, block_c, chunked, _warps_for(block_p * block_c, per_thread)
+    block_p = max(1, min(MAX_BLOCK_P, _prev_power_of_2(tile // lanes)))
+    return block_p, block_c, thirds, chunked, _warps_for(block_p * lanes, per_thread)
 
 
 def _dx_config(channels: int, interp: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) of the grad_x kernel."""
-    block_c = min(triton.next_power_of_2(channels), INTERP_TILE_ELEMENTS if interp else DX_MAX_BLOCK_C)
+    """(BLOCK_P, BLOCK_C, num_warps) of the grad_x kernel.
+
+    GPU: BLOCK_C is the power of two from DX_MIN_BLOCK_C to min(next_pow2(C), DX_MAX_BLOCK_C) (the widest on a tie)
+    whose channel blocks pad C the least: C = 96 -> 32, 192 -> 64, 384 / 768 -> 128, no masked-off lane (where
+    min(next_pow2(C), 128) idled 25% of them).
+    """
+    if interp:
+        block_c = min(triton.next_power_of_2(channels), INTERP_TILE_ELEMENTS)
+    else:
+        widest = min(triton.next_power_of_2(channels), DX_MAX_BLOCK_C)
+        candidates = [widest >> n for n in range(widest.bit_length()) if widest >> n >= min(widest, DX_MIN_BLOCK_C)]
+        block_c = min(candidates, key=lambda bc: (triton.cdiv(channels, bc) * bc, -bc))
     tile, max_p = (INTERP_TILE_ELEMENTS, INTERP_MAX_BLOCK_P) if interp else (TILE_ELEMENTS, MAX_BLOCK_P)
-    block_p = max(1, min(max_p, tile // block_c))
+    # the pixel tile of a min(next_pow2(C), DX_MAX_BLOCK_C) channel block (a narrower block takes fewer warps)
+    block_p = max(1, min(max_p, tile // min(triton.next_power_of_2(channels), tile if interp else DX_MAX_BLOCK_C)))
     return block_p, block_c, _warps_for(block_p * block_c)
 
 
@@ -647,7 +902,7 @@ def dwconv_ln_fwd(x, weight, conv_bias, ln_weight, ln_bias, eps: float):
         return out, mean, rstd
     weight = weight.contiguous()
     interp = interpreting(x)
-    block_p, block_c, chunked, num_warps = _fwd_config(channels, interp)
+    block_p, block_c, thirds, chunked, num_warps = _fwd_config(channels, interp)
     block_h, block_w = _pixel_tile(block_p, height, width, interp)
     tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
     _dwconv_ln_fwd_kernel[(batch * tiles_per_image,)](
@@ -671,6 +926,7 @@ def dwconv_ln_fwd(x, weight, conv_bias, ln_weight, ln_bias, eps: float):
         HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None,
         CHUNKED=chunked,
+        THIRDS=thirds,
         BLOCK_H=block_h,
         BLOCK_W=block_w,
         BLOCK_C=block_c,
@@ -719,7 +975,7 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
     device = x.device
 
     # 1. dy (workspace in x's dtype) and the per-tile partial sums of the LayerNorm / conv-bias grads
-    block_p, block_c, chunked, num_warps = _fwd_config(channels, interp, backward=True)
+    block_p, block_c, thirds, chunked, num_warps = _fwd_config(channels, interp, backward=True)
     block_h, block_w = _pixel_tile(block_p, height, width, interp)
     tiles_w, tiles_per_image = _tiles(height, width, block_h, block_w)
     num_tiles = batch * tiles_per_image
@@ -750,6 +1006,7 @@ def dwconv_ln_bwd(grad_out, x, weight, conv_bias, ln_weight, ln_bias, mean, rstd
         HAS_LN_WEIGHT=ln_weight is not None,
         NEED_PARTIALS=need_grad_params,
         CHUNKED=chunked,
+        THIRDS=thirds,
         BLOCK_H=block_h,
         BLOCK_W=block_w,
         BLOCK_C=block_c,

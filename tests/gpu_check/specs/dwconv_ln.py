@@ -57,7 +57,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
 
     def fwd_like(kernel, c_pad, mix, layout, shape, flags, need_partials=True):
         x_dtype, p_dtype = mixes[mix]
-        block_p, block_c, chunked, num_warps = K._fwd_config(c_pad, False, kernel is K._dwconv_ln_bwd_dy_kernel)
+        block_p, block_c, thirds, chunked, num_warps = K._fwd_config(c_pad, False, kernel is K._dwconv_ln_bwd_dy_kernel)
         block_h, block_w = tiles(block_p)
         values = shape_ints(c_pad, layout, shape)
         values.update(grid_ints(values, block_h, block_w))
@@ -68,7 +68,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
         has_cb, has_lw, has_lb = flags
         weight = ptr[p_dtype]
         sig["ksize"] = "i32"
-        const = {**pinned, "HAS_CONV_BIAS": has_cb, "HAS_LN_WEIGHT": has_lw, "CHUNKED": chunked}
+        const = {**pinned, "HAS_CONV_BIAS": has_cb, "HAS_LN_WEIGHT": has_lw, "CHUNKED": chunked, "THIRDS": thirds}
         const.update(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c)
         sig.update(X=ptr[x_dtype], WEIGHT=weight, CONV_BIAS=weight, LN_WEIGHT=weight)
         aligned = ["X", "WEIGHT", "CONV_BIAS", "LN_WEIGHT"] if shape == "a16" else ["WEIGHT", "CONV_BIAS", "LN_WEIGHT"]
@@ -82,11 +82,11 @@ def _aot_specs(full: bool = False) -> list[dict]:
             const["NEED_PARTIALS"] = need_partials
             aligned += ["DY", "PARTIAL", "GRAD_OUT", "MEAN", "RSTD"]
             extra = f"-partials{need_partials:d}"
-        mode = "chunked" if chunked else "single"
+        mode = "chunked" if chunked else "thirds" if thirds else "single"
         return {
             "kernel": kernel,
             "label": f"{mix}/{layout}-{shape}/cb{has_cb:d}-lw{has_lw:d}{extra}/{mode}-"
-            f"{block_h}x{block_w}xC{block_c}-w{num_warps}",
+            f"{block_h}x{block_w}xC{'3x' if thirds else ''}{block_c}-w{num_warps}",
             "signature": sig,
             "constexprs": const,
             "divisible_by_16": tuple(dict.fromkeys(aligned + div)),
@@ -142,7 +142,8 @@ def _aot_specs(full: bool = False) -> list[dict]:
     specs = []
     all_on = (True, True, True)
     none = (False, False, False)
-    c_classes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]  # 2048: the chunked path
+    # 96 / 192 / 384 / 768: ConvNeXt's widths, three-tile rows (THIRDS); 2048: the chunked path
+    c_classes = [4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
 
     def shape_of(c_pad):
         return "a16" if c_pad >= 16 else "odd"  # C < 16 has no 16-divisible strides
@@ -156,7 +157,7 @@ def _aot_specs(full: bool = False) -> list[dict]:
                 specs.append(fwd_like(kernel, c_pad, "bf16+f32", layout, "odd", all_on))
                 specs.append(fwd_like(kernel, c_pad, "f32", layout, "odd", all_on))
             specs.append(fwd_like(kernel, 128, "f16", "cl", "a16", none, need_partials=False))
-        for c_pad, layout, mix in itertools.product((4, 16, 32, 64, 128), ("cl", "nchw"), mixes):
+        for c_pad, layout, mix in itertools.product((4, 16, 32, 64, 96, 128, 192), ("cl", "nchw"), mixes):
             specs.append(dx(c_pad, mix, layout, shape_of(c_pad)))
         for c_pad, ksize, layout, mix in itertools.product((4, 32), (3, 5, 13), ("cl", "nchw"), mixes):
             specs.append(dw(c_pad, mix, layout, shape_of(c_pad), ksize))
@@ -178,10 +179,17 @@ def _aot_specs(full: bool = False) -> list[dict]:
             specs.append(fwd_like(kernel, c_pad, "f32", "nchw", "a16", all_on))
         specs.append(fwd_like(kernel, 1024, "bf16+f32", "cl", "a16", all_on))
         specs.append(fwd_like(kernel, 128, "bf16", "cl", "a16", none, need_partials=False))
+        # ConvNeXt's C = 96 * 2^n: three-tile rows (THIRDS)
+        for c_pad in (96, 192, 384, 768):
+            specs.append(fwd_like(kernel, c_pad, "f16", "cl", "a16", all_on))
+        specs.append(fwd_like(kernel, 96, "bf16+f32", "nchw", "odd", all_on))
+        specs.append(fwd_like(kernel, 384, "f32", "nchw", "a16", all_on))
     specs.append(dx(128, "f16", "cl", "a16"))
     specs.append(dx(4, "f16", "nchw", "odd"))
     specs.append(dx(128, "f32", "nchw", "odd"))
     specs.append(dx(128, "bf16+f32", "nchw", "odd"))
+    specs.append(dx(96, "f16", "cl", "a16"))
+    specs.append(dx(192, "f16", "cl", "a16"))
     specs.append(dw(32, "f16", "cl", "a16", 7))
     specs.append(dw(32, "f16", "nchw", "a16", 3))
     specs.append(dw(4, "f16", "cl", "odd", 5))

@@ -118,6 +118,22 @@ inline T __ldg(const T* ptr) {
   return *ptr;
 }
 
+// ---- memory-traffic counting (the "traffic" build variant only: tests/cuda_emu/traffic.cpp) -----------------------
+// That variant compiles the kernels with -fsanitize=kernel-address and no sanitizer runtime: every memory access calls
+// one of traffic.cpp's __asan_{load,store}*_noabort, which counts it while a launch runs (begin / end below) when it
+// falls in a tensor's memory. Atomics are counted once, as atomics: their own read-modify-write is not instrumented.
+#ifdef CUDA_EMU_TRAFFIC
+extern "C" void cuda_emu_traffic_begin(const void* kernel);
+extern "C" void cuda_emu_traffic_end();
+extern "C" void cuda_emu_traffic_atomic(const void* address, std::size_t bytes);
+extern "C" bool cuda_emu_traffic_skip(const void* kernel);  // a dry run: the launch is recorded, not run
+#define CUDA_EMU_ATOMIC_ATTR __attribute__((no_sanitize_address))
+#define CUDA_EMU_ATOMIC_NOTE(address) cuda_emu_traffic_atomic(address, sizeof(*(address)))
+#else
+#define CUDA_EMU_ATOMIC_ATTR
+#define CUDA_EMU_ATOMIC_NOTE(address) ((void)0)
+#endif
+
 // ---- the runtime ------------------------------------------------------------------------------------------------
 namespace cuda_emu {
 
@@ -377,6 +393,9 @@ inline void run_grid(const void* kernel, std::function<void()> body, dim3 grid, 
                              "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first");
   }
   ++launch_log()[kernel];
+#ifdef CUDA_EMU_TRAFFIC
+  if (cuda_emu_traffic_skip(kernel)) return;
+#endif
   const char* order = std::getenv("CUDA_EMU_ORDER");
   const int forced = order == nullptr                   ? -1
                      : std::strcmp(order, "high") == 0 ? 1
@@ -392,6 +411,9 @@ inline void run_grid(const void* kernel, std::function<void()> body, dim3 grid, 
   current = &l;
   std::vector<std::thread> workers;
   for (unsigned t = 0; t < l.threads; ++t) workers.emplace_back(thread_main, std::ref(l), t);
+#ifdef CUDA_EMU_TRAFFIC
+  cuda_emu_traffic_begin(kernel);
+#endif
   unsigned long long linear = 0;
   for (unsigned z = 0; z < grid.z && !l.aborted; ++z) {
     for (unsigned y = 0; y < grid.y && !l.aborted; ++y) {
@@ -408,6 +430,9 @@ inline void run_grid(const void* kernel, std::function<void()> body, dim3 grid, 
   l.finished = true;
   for (auto& lane : l.lanes) lane->wake.release();
   for (auto& w : workers) w.join();
+#ifdef CUDA_EMU_TRAFFIC
+  cuda_emu_traffic_end();
+#endif
   current = nullptr;
   if (l.aborted) {
     throw std::runtime_error("cuda_emu: " + kernel_name(kernel) + " block (" + std::to_string(l.block.x) + ", " +
@@ -494,49 +519,57 @@ inline unsigned __activemask() {
 }
 
 template <typename T, typename V>
-inline T atomicAdd(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicAdd(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = static_cast<T>(old + static_cast<T>(value));
   return old;
 }
 template <typename T, typename V>
-inline T atomicSub(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicSub(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = static_cast<T>(old - static_cast<T>(value));
   return old;
 }
 template <typename T, typename V>
-inline T atomicExch(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicExch(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = static_cast<T>(value);
   return old;
 }
 template <typename T, typename V>
-inline T atomicMin(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicMin(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = std::min(old, static_cast<T>(value));
   return old;
 }
 template <typename T, typename V>
-inline T atomicMax(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicMax(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = std::max(old, static_cast<T>(value));
   return old;
 }
 template <typename T>
-inline T atomicCAS(T* address, T compare, T value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicCAS(T* address, T compare, T value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   if (old == compare) *address = value;
   return old;
 }
 template <typename T, typename V>
-inline T atomicAnd(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicAnd(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = old & static_cast<T>(value);
   return old;
 }
 template <typename T, typename V>
-inline T atomicOr(T* address, V value) {
+CUDA_EMU_ATOMIC_ATTR inline T atomicOr(T* address, V value) {
+  CUDA_EMU_ATOMIC_NOTE(address);
   const T old = *address;
   *address = old | static_cast<T>(value);
   return old;

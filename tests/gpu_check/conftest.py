@@ -23,8 +23,10 @@ from . import aot
 
 ROW_PROPERTY = "triton_aot_row"
 CUDA_ROW_PROPERTY = "cuda_resources_row"  # test_cuda_resources.py
+TRAFFIC_ROW_PROPERTY = "cuda_traffic_row"  # test_cuda_traffic.py
 _rows: list[dict] = []
 _cuda_rows: list[dict] = []
+_traffic_rows: list[dict] = []
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +48,9 @@ def pytest_collection_finish(session):
     emu_tests = [item for item in session.items if item.path.name == "test_cuda_emu.py"]
     if emu_tests:
         emu_tests[0].module.start_early()
+    traffic_tests = [item for item in session.items if item.path.name == "test_cuda_traffic.py"]
+    if traffic_tests:
+        traffic_tests[0].module.start_early()
 
 
 def pytest_runtest_logreport(report):
@@ -53,6 +58,7 @@ def pytest_runtest_logreport(report):
     if report.when == "call":
         _rows.extend(value for name, value in report.user_properties if name == ROW_PROPERTY)
         _cuda_rows.extend(value for name, value in report.user_properties if name == CUDA_ROW_PROPERTY)
+        _traffic_rows.extend(value for name, value in report.user_properties if name == TRAFFIC_ROW_PROPERTY)
 
 
 def _write_section(terminalreporter, title: str, text: str, path: Path) -> None:
@@ -80,3 +86,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             text,
             path.with_name("cuda_resources.txt"),
         )
+    if _traffic_rows:
+        import json
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_emu"))
+        import traffic_report
+
+        rows = sorted(_traffic_rows, key=lambda row: (row["op"], row["direction"], row["case"]))
+        text = f"{traffic_report.format_table(rows)}\n\n{traffic_report.summary(rows)}"
+        _write_section(
+            terminalreporter,
+            "CUDA kernels: global-memory traffic per op x direction (emulator, test_cuda_traffic.py)",
+            text,
+            path.with_name("cuda_traffic.txt"),
+        )
+        path.with_name("cuda_traffic.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -13,7 +13,8 @@ calls its op ``CALLS`` times per timed step on tensors of a few hundred elements
 * ``mbconv_se``           - ``silu(batch_norm(conv2d(x)))`` + its spatial sum vs ``functional.mbconv_se``, (1, 8, 4, 4),
   k = 3, running statistics;
 * ``attention``           - ``F.scaled_dot_product_attention`` on (B, H, N, D) views vs ``functional.attention``,
-  (1, 4, 8, 8) as (B, N, H, D);
+  (1, 4, 8, 8) as (B, N, H, D): both take the same (B, N, H, D) tensors and give a (B, N, H, D) result (eager
+  transposes inside the timed call; until 2026-11-29 it was handed pre-transposed views and skipped three transposes);
 * ``mhsa``                - timm's ``vision_transformer.Attention(64, 8 heads)`` vs ``FusedMHSA.from_module`` of it,
   x (1, 4, 64);
 * ``convnext_block``      - timm's ``ConvNeXtBlock(16)`` vs ``pykernels.ConvNeXtBlock.from_module``, (1, 16, 4, 4);
@@ -112,9 +113,10 @@ def _make(case: Case, provider: str, device: torch.device):
         return lambda: PF.mbconv_se(x, w, None, bw, bb, rm, rv)
     if case.id == "attention":
         q, k, v = randn(3, *case.shape).unbind(0)
-        if eager:
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            return lambda: TF.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+        if eager:  # from the same (B, N, H, D) views to a (B, N, H, D) result, as pykernels is timed
+            return lambda: TF.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
         return lambda: PF.attention(q, k, v)
     x = randn(case.shape)
     if case.id == "mhsa":

@@ -275,12 +275,16 @@ def attention(
     _attention_ops.check_args(q, k, v, bias, key_padding_mask, dropout_p)
     batch, n_q, heads, head_dim = q.shape
     scale = head_dim**-0.5 if scale is None else float(scale)
+    out = _attention_flat(q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), backend)
+    return out.view(batch, n_q, heads, head_dim)
+
+
+def _attention_flat(q, k, v, bias, key_padding_mask, causal: bool, scale: float, dropout_p: float, backend):
+    """:func:`attention` on checked arguments, as the op returns it: ``(B, Nq, H * D)`` contiguous (what
+    :class:`pykernels.FusedMHSA` projects; its q, k, v are views of its own qkv projection, nothing to check)."""
     # the dropout seed: a one-element CPU tensor from torch's generator (no device sync, no graph break)
     seed = torch.randint(0, 2**31 - 1, (1,)) if dropout_p > 0.0 else _NO_SEED
-    out = _attention_ops.attention_out_call(
-        q, k, v, bias, key_padding_mask, bool(causal), scale, float(dropout_p), seed, backend
-    )
-    return out.view(batch, n_q, heads, head_dim)
+    return _attention_ops.attention_out_call(q, k, v, bias, key_padding_mask, causal, scale, dropout_p, seed, backend)
 
 
 # ---- mbconv_se ---------------------------------------------------------------------------------------------------

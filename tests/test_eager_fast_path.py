@@ -420,3 +420,47 @@ def test_small_inputs_route_only_where_the_bits_are_the_same(monkeypatch):
         monkeypatch.delenv("PYKERNELS_BACKEND")
         drop_path_ops.drop_path_add(x, x, None, g, 1)  # the custom op: its kernels, its fake's strides
     assert len(taken) == 2
+
+
+# ---- attention on CPU tensors: the automatic choice (torch) without a selection -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8), (1, 1, 4, 16), (2, 6, 1, 8), (1, 3, 2, 8)])
+def test_cpu_attention_without_selection_matches_the_torch_backend(shape, causal, dtype):
+    """Eager inference on CPU tensors under the automatic choice calls SDPA as the torch backend does (unmasked: the
+    call inlined): the same values and strides as ``backend="torch"``, which selects; with a mask too."""
+    torch.manual_seed(0)
+    batch, n, heads, head_dim = shape
+    q, k, v = torch.randn(batch, n, 3, heads, head_dim, dtype=dtype).unbind(2)  # packed qkv views
+    bias = torch.randn(n, n, dtype=dtype)
+    with torch.no_grad():
+        for extra in ({}, {"bias": bias}):
+            auto = F.attention(q, k, v, causal=causal, **extra)
+            explicit = F.attention(q, k, v, causal=causal, backend="torch", **extra)
+            assert auto.stride() == explicit.stride() and auto.dtype == explicit.dtype
+            assert torch.equal(auto, explicit)
+
+
+def test_fused_mhsa_without_mask_matches_the_checked_path(monkeypatch):
+    """FusedMHSA skips the argument checks of its own q, k, v views (no bias, no padding mask): same output as the
+    public function's checked path, which still runs (and raises) for a bias or a padding mask."""
+    torch.manual_seed(0)
+    module = pykernels.FusedMHSA(32, num_heads=4).eval()
+    x = torch.randn(2, 7, 32)
+    checked = []
+    real = attention_ops.check_args
+    monkeypatch.setattr(attention_ops, "check_args", lambda *a: checked.append(1) or real(*a))
+    with torch.no_grad():
+        fast = module(x)
+        assert checked == []
+        module.backend = "torch"
+        slow = module(x)
+        assert checked == []
+        mask = torch.zeros(2, 7, dtype=torch.bool)
+        masked = module(x, key_padding_mask=mask)
+        assert checked == [1]
+        with pytest.raises(ValueError, match="key_padding_mask"):
+            module(x, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.equal(fast, slow) and torch.equal(fast, masked)

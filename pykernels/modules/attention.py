@@ -127,6 +127,9 @@ class FusedMHSA(nn.Module):
         q, k, v = qkv.unbind(2)  # (B, N, H, D) strided views of the packed projection: no copy
         dropout_p = self.attn_drop if self.training else 0.0
         causal = self.causal if causal is None else causal
+        if attn_bias is None and key_padding_mask is None and 0.0 <= dropout_p < 1.0:
+            # q, k, v: views of our own projection, nothing else to check
+            return F._attention_flat(q, k, v, None, None, bool(causal), self.scale, float(dropout_p), self.backend)
         out = F.attention(q, k, v, attn_bias, key_padding_mask, causal, self.scale, dropout_p, self.backend)
         return out.flatten(2)
 

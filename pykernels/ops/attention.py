@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from pykernels import backends
+from pykernels._dtypes import FLOAT_DTYPES
 from pykernels.ops import _eager
 from pykernels.reference import attention as _reference
 
@@ -125,6 +126,10 @@ OP = backends.register_op(
         cpu_priority=("torch",),
     )
 )
+
+
+_CPU_IS_TORCH = tuple(OP.cpu_priority) == ("torch",)  # every float dtype, any head dim (see attention_out_call)
+_sdpa = torch.nn.functional.scaled_dot_product_attention
 
 
 def select_backend(q: torch.Tensor, *others: torch.Tensor | None, backend: str | None = None) -> str:
@@ -229,6 +234,15 @@ def attention_out_call(q, k, v, bias, key_padding_mask, causal, scale, dropout_p
     backend skips the logsumexp, which only backward reads (:func:`pykernels.reference.attention.attention_out`);
     everything else is :func:`attention_call`."""
     if dropout_p == 0.0 and _eager.route(q, k, v, bias, key_padding_mask, seed) == _eager.DIRECT:
+        if _CPU_IS_TORCH and q.is_cpu and q.dtype in FLOAT_DTYPES and (bias is None or bias.dtype in FLOAT_DTYPES):
+            if backends.automatic(backend):  # the automatic choice on CPU tensors is torch: no selection to run
+                OP.kernels("torch")  # (what spy_kernels sees in the tests)
+                batch, n_q, heads, head_dim = q.shape
+                if bias is None and key_padding_mask is None and n_q and k.shape[1]:
+                    # the torch backend's own call for an unmasked attention (reference._torch_forward), inlined
+                    out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale)
+                    return out.transpose(1, 2).reshape(batch, n_q, heads * head_dim).contiguous()
+                return _reference.attention_out(q, k, v, bias, key_padding_mask, causal, scale)
         name = select_backend(q, k, v, backend=backend)
         fwd, _ = OP.kernels(name)
         if name == "torch":

@@ -176,7 +176,15 @@ def test_forward_backward(case, dtype):
     check_case(dtype, batch, n_q, n_k, heads, head_dim, **extra)
 
 
-@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS, ids=[f"d{d}" for d in SUPPORTED_HEAD_DIMS])
+# every power-of-two tile, full and partly filled: multiples of 16 and of 8 only (72 SigLIP2, 88 ViT-g, 200)
+TESTED_HEAD_DIMS = (8, 16, 24, 32, 40, 48, 64, 72, 80, 88, 96, 128, 136, 200, 256)
+
+
+def test_supported_head_dims_rule():
+    assert SUPPORTED_HEAD_DIMS == tuple(range(8, 257, 8)) and set(TESTED_HEAD_DIMS) <= set(SUPPORTED_HEAD_DIMS)
+
+
+@pytest.mark.parametrize("head_dim", TESTED_HEAD_DIMS, ids=[f"d{d}" for d in TESTED_HEAD_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dims(head_dim, dtype):
     if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:  # the op refuses the Triton backend there
@@ -184,7 +192,7 @@ def test_head_dims(head_dim, dtype):
         with pytest.raises(BackendNotSupportedError, match=f"float32 at head dim {head_dim}"):
             F.attention(q, q, q, backend="triton")
         return
-    check_case(dtype, 1, 37, 41, 2, head_dim, bias_shape=(1, 2, 37, 41), causal=head_dim in (48, 96))
+    check_case(dtype, 1, 37, 41, 2, head_dim, bias_shape=(1, 2, 37, 41), causal=head_dim in (48, 72, 96, 200))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -290,12 +298,34 @@ def test_no_grad_bias_and_no_bias():
     assert run_kernel(grad_out, q, k, v, None, need_grad_bias=True)[-1] is None
 
 
-@pytest.mark.parametrize("head_dim", [4, 20, 72, 200, 320], ids=["d4", "d20", "d72", "d200", "d320"])
+@pytest.mark.parametrize("head_dim", [4, 20, 36, 264, 320], ids=["d4", "d20", "d36", "d264", "d320"])
 def test_unsupported_head_dim_raises(head_dim):
     """The op's rules keep the Triton launchers from calls they do not serve (the launchers check no rule twice)."""
     q = torch.randn(1, 4, 1, head_dim, device=DEVICE)
-    with pytest.raises(BackendNotSupportedError, match="supported head dims: 8, 16, 24, 32, 48, 64, 80, 96, 128, 256"):
+    with pytest.raises(
+        BackendNotSupportedError, match=f"head dim {head_dim} not supported .* every multiple of 8 from 8 to 256"
+    ):
         F.attention(q, q, q, backend="triton")
+
+
+@pytest.mark.parametrize("head_dim", [72, 88])
+def test_head_dim_multiple_of_8_layouts(head_dim):
+    """Head dims that are multiples of 8 but not of 16: the packed qkv projection (strides multiples of 8: read in
+    place) and views whose strides are not multiples of 8 (copied by the launcher, ``_strides8``) give the results of
+    contiguous inputs, bit for bit; a size-1 dim's stride is passed as 0."""
+    batch, n, heads = 1, 33, 3
+    g = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(batch, n, 3, heads, head_dim, generator=g).to(DEVICE, torch.float16)
+    q, k, v = qkv.unbind(2)
+    wide = torch.randn(batch, n, heads, head_dim + 3, generator=g).to(DEVICE, torch.float16)
+    odd = wide[..., 1 : head_dim + 1]  # strides (n*h*(D+3), h*(D+3), D+3, 1): not multiples of 8
+    assert attn._strides8(q)[0] is q and attn._strides8(q)[1][0] == 0  # batch 1
+    assert attn._strides8(odd)[0].is_contiguous()
+    grad_out = torch.randn(batch, n, heads * head_dim, generator=g).to(DEVICE, torch.float16)
+    got = run_kernel(grad_out, q, odd, v, None, causal=True)
+    want = run_kernel(grad_out, q.contiguous(), odd.contiguous(), v.contiguous(), None, causal=True)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want, strict=False):
+        assert torch.equal(a, b), name
 
 
 def test_input_errors():
@@ -315,11 +345,10 @@ def test_input_errors():
 def test_autotune_prune_filter():
     """The prune filter keeps only gate-approved candidates that fit the shared memory, and never nothing."""
     for kernel, table in attn.CONFIG_TABLES.items():
-        for head_dim in SUPPORTED_HEAD_DIMS:
-            block_d = attn._head_tile(head_dim)
+        for block_d in sorted({attn._head_tile(d) for d in SUPPORTED_HEAD_DIMS}):
             for elem, dropout in ((2, False), (2, True), (4, False), (4, True)):
                 kept = attn.allowed_configs(kernel, block_d, elem, dropout, 163 * 1024)
-                assert kept and set(kept) <= set(table), (kernel, head_dim, elem, dropout)
+                assert kept and set(kept) <= set(table), (kernel, block_d, elem, dropout)
                 gated = attn.GATED_CONFIGS.get((kernel, block_d, elem, dropout))
                 if gated:
                     assert set(kept) <= set(gated)
@@ -336,3 +365,23 @@ def test_autotune_prune_filter():
     kept = prune(configs, {"Q": q}, BLOCK_D=128, HAS_DROPOUT=True)
     want = set(attn.allowed_configs("dq", 128, 2, True, attn._smem_limit(q.device)))
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == want
+    # no bias / mask / dropout: the bigger plain tiles join; a masked call at head dim 72 keeps the partial-tile subset
+    smem = attn._smem_limit(q.device)
+    for kernel in attn.CONFIG_TABLES:
+        kept = attn._pruner(kernel)(
+            attn._configs(attn.CONFIG_TABLES[kernel]),
+            {"Q": q},
+            BLOCK_D=128,
+            HAS_DROPOUT=False,
+            HAS_BIAS=False,
+            HAS_KPM=False,
+            HEAD_DIM=128,
+        )
+        plain = set(attn.allowed_configs(kernel, 128, 2, False, smem, masked=False))
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == plain
+        assert plain >= set(attn.allowed_configs(kernel, 128, 2, False, smem))
+        assert max(m * n for m, n, _, _ in plain) > max(
+            m * n for m, n, _, _ in attn.allowed_configs(kernel, 128, 2, False, smem)
+        ), kernel
+        partial = set(attn.allowed_configs(kernel, 128, 2, False, smem, head_dim=72))
+        assert partial <= set(attn.allowed_configs(kernel, 128, 2, False, smem)) | {attn.CONFIG_TABLES[kernel][-1]}

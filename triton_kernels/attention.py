@@ -32,8 +32,17 @@ Conventions:
   backward kernels on every tile, so fp32 inputs are limited to head dims <= 64 (the op's ``FP32_MAX_HEAD_DIM``:
   it routes larger ones to PyTorch's SDPA) - fp16 / bf16 (autocast) is the fast path at every head dim.
   The parameter ``input_precision`` exists since Triton 3.0 (``allow_tf32`` is the deprecated name).
-* head dims: the op's ``SUPPORTED_HEAD_DIMS`` (pykernels/ops/attention.py, which checks every argument); the tile
-  is padded to ``BLOCK_D = next_power_of_2(D)`` with masks.
+* head dims: every multiple of 8 up to 256 (the op's ``SUPPORTED_HEAD_DIMS``, pykernels/ops/attention.py, which
+  checks every argument); the tile is padded to ``BLOCK_D = next_power_of_2(D)`` with masks (no extra bytes move: the
+  padded columns are masked loads, only the dot FLOPs of the padded tile are spent, e.g. 128 / 72 = 1.8x at D = 72).
+  The launchers pass (b, n, h) strides that are multiples of 8 elements (``_strides8``; an odd view is copied first)
+  and the kernels tell the compiler so (``_mult8``): 16-byte vector loads at head dims such as 72, 88, 200, whose
+  strides the JIT does not mark (it marks multiples of 16 only) - without it every head-dim load was a 2-byte scalar
+  load and the AOT gate measured register spills at 72 and 200.
+* tiles: autotuned among the candidates that the AOT gate compiles without spills: ``GATED_CONFIGS`` for calls with
+  a bias or a key padding mask (calibrated with both), plus the bigger ``PLAIN_GATED_CONFIGS`` tiles for calls
+  without bias, mask or dropout (calibrated with causal on), minus ``PARTIAL8_MASKED_SPILLS`` for masked calls at head
+  dims that are not multiples of 16.
 * bias gradient: ``dS`` (the gradient of the scores) is materialised in a (B, H, Nq, Nk) fp32 buffer only when
   ``need_grad_bias`` and reduced over the bias's broadcast dims with torch (``sum_to_size``); that costs
   ``4 * B * H * Nq * Nk`` bytes of temporary memory (e.g. 20 MB for B=8, H=12, N=197).
@@ -56,9 +65,39 @@ INTERPRETER_BLOCK_N = 32
 # ---- autotune configs ---------------------------------------------------------------------------------------------
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward and dQ kernels keep a BLOCK_M x D accumulator
 # and stream key blocks; dK/dV keeps two BLOCK_N x D accumulators (+ the K, V tiles) and streams query blocks.
-FWD_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2))
-DKDV_CONFIGS = ((32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1))
-DQ_CONFIGS = ((128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1))
+# Big tiles take 8 warps: a 128 x 64 forward tile at head dim 128 holds a 128 x 128 fp32 accumulator (64 registers a
+# thread at 8 warps, 128 at 4: the AOT gate measured 584 B of spills with 4 warps, none with 8).
+FWD_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (128, 32, 8, 2),
+    (128, 32, 4, 3),
+    (64, 64, 8, 2),
+    (64, 64, 4, 3),
+    (64, 32, 8, 2),
+    (64, 32, 4, 2),
+    (32, 32, 4, 2),
+    (32, 16, 4, 2),
+)
+DKDV_CONFIGS = (
+    (64, 64, 8, 2),
+    (32, 128, 8, 2),
+    (32, 64, 8, 2),
+    (32, 64, 4, 2),
+    (16, 64, 8, 2),
+    (16, 32, 4, 1),
+    (16, 16, 4, 1),
+)
+DQ_CONFIGS = (
+    (128, 64, 8, 2),
+    (128, 32, 8, 2),
+    (64, 64, 8, 2),
+    (64, 64, 4, 2),
+    (64, 32, 8, 2),
+    (64, 32, 4, 2),
+    (32, 32, 4, 1),
+    (32, 16, 4, 1),
+)
 CONFIG_TABLES = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 PREPROCESS_BLOCK_M = 64
 PREPROCESS_NUM_WARPS = 4
@@ -80,8 +119,9 @@ GATED_CONFIGS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int],
     ("dkdv", 64, 2, True): ((16, 32, 4, 1), (16, 16, 4, 1)),
     ("dkdv", 64, 4, False): ((16, 32, 4, 1), (16, 16, 4, 1)),
     ("dkdv", 64, 4, True): ((16, 32, 4, 1), (16, 16, 4, 1)),
-    ("dkdv", 128, 2, False): ((32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
-    ("dkdv", 128, 2, True): ((32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
+    # (32, 64, 8, 2) left out: 255 registers on sm_80 and sm_90; 16 x 64 streams the same bytes per FLOP at 221-241
+    ("dkdv", 128, 2, False): ((16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
+    ("dkdv", 128, 2, True): ((16, 64, 8, 2), (16, 32, 4, 1), (16, 16, 4, 1)),
     ("dkdv", 128, 4, False): (),
     ("dkdv", 128, 4, True): (),
     ("dkdv", 256, 2, False): ((16, 32, 4, 1), (16, 16, 4, 1)),
@@ -110,12 +150,13 @@ GATED_CONFIGS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int],
     ("dq", 32, 2, True): ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 16, 4, 1)),
     ("dq", 32, 4, False): ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
     ("dq", 32, 4, True): ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
-    ("dq", 64, 2, False): ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
-    ("dq", 64, 2, True): ((128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
+    # (64, 32, 4, 2) left out at head dims 64 and 128: 255 registers on sm_80; its 8-warp twin takes 167-254
+    ("dq", 64, 2, False): ((128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
+    ("dq", 64, 2, True): ((128, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
     ("dq", 64, 4, False): ((32, 32, 4, 1), (32, 16, 4, 1)),
     ("dq", 64, 4, True): ((32, 32, 4, 1), (32, 16, 4, 1)),
-    ("dq", 128, 2, False): ((64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
-    ("dq", 128, 2, True): ((64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
+    ("dq", 128, 2, False): ((64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
+    ("dq", 128, 2, True): ((64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
     ("dq", 128, 4, False): (),
     ("dq", 128, 4, True): (),
     ("dq", 256, 2, False): ((64, 32, 8, 2), (32, 32, 4, 1), (32, 16, 4, 1)),
@@ -148,14 +189,41 @@ GATED_CONFIGS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int],
     ("fwd", 64, 2, True): ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     ("fwd", 64, 4, False): ((64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     ("fwd", 64, 4, True): ((64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
-    ("fwd", 128, 2, False): ((64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
-    ("fwd", 128, 2, True): ((64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    # 64 x 32 on 8 warps: 181 / 168 registers (239 / 236 with dropout) where 4 warps sat at 255 / 245
+    ("fwd", 128, 2, False): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    ("fwd", 128, 2, True): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     ("fwd", 128, 4, False): ((32, 16, 4, 2),),  # (32, 32, 4, 2) spills on sm_90 only
     ("fwd", 128, 4, True): ((32, 16, 4, 2),),  # (32, 32, 4, 2) spills on sm_90 only
-    ("fwd", 256, 2, False): ((32, 32, 4, 2), (32, 16, 4, 2)),
-    ("fwd", 256, 2, True): ((32, 32, 4, 2), (32, 16, 4, 2)),
+    # 64 x 32 on 8 warps: 254 / 224 registers (250 / 255 with dropout); 64 x 64 spills on sm_90
+    ("fwd", 256, 2, False): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    ("fwd", 256, 2, True): ((64, 32, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     ("fwd", 256, 4, False): (),
     ("fwd", 256, 4, True): (),
+}
+
+# Without bias, key padding mask and dropout (a plain ViT block; measured with causal on, the heavier case), these
+# bigger tiles compile without spills too, per (kernel, BLOCK_D, element size); they join GATED_CONFIGS' rows
+PLAIN_GATED_CONFIGS: dict[tuple[str, int, int], tuple[tuple[int, int, int, int], ...]] = {
+    # head dim 128 (80 ... 128): forward 128 x 64 as FlashAttention-2 and Triton's tutorial (sm_80 255 causal / 192
+    # not, sm_90 198); dK/dV 64 x 64 (174 / 252); dQ 128 x 32 (197 / 164) and 64 x 64 (168 / 180). 128 x 64 dQ and
+    # 64 x 128 / 32 x 128 dK/dV spill on sm_80
+    ("fwd", 128, 2): ((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2)),
+    ("dkdv", 128, 2): ((64, 64, 8, 2), (32, 64, 8, 2)),
+    ("dq", 128, 2): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    # head dim 64 (48, 64): dK/dV 64 x 64 (247 / 177) and 32 x 64 (255 / 123) where the masked class keeps 16 x 32;
+    # dQ 128 x 64 (182 / 146). 32 x 128 dK/dV and 64 x 64 dQ on 4 warps spill on sm_80
+    ("dkdv", 64, 2): ((64, 64, 8, 2), (32, 64, 8, 2)),
+    ("dq", 64, 2): ((128, 64, 8, 2),),
+    # head dim 256 (136 ... 256): dK/dV 32 x 64 (241 / 239) and 16 x 64 (223 / 208) on 8 warps; 4 warps spill
+    ("dkdv", 256, 2): ((32, 64, 8, 2), (16, 64, 8, 2)),
+    # forward 64 x 64 on 8 warps (255 / 196); 128 x 32 and 64 x 32 / 64 x 64 on 4 warps spill
+    ("fwd", 256, 2): ((64, 64, 8, 2),),
+}
+# A masked call (bias / padding mask) at a head dim that is a multiple of 8 but not of 16 (72, 88, 200): a few
+# GATED_CONFIGS tiles at the 255 cap spill there (the head-dim masks of the partly filled tile and the 8-element
+# alignment cost a few registers; AOT gate, sm_90): they are left out, per (kernel, BLOCK_D, element size, dropout)
+PARTIAL8_MASKED_SPILLS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int], ...]] = {
+    ("fwd", 256, 2, True): ((32, 32, 4, 2),),  # head dim 200 with dropout: 4 B spilled on sm_90
 }
 
 
@@ -168,12 +236,26 @@ def _smem_estimate(kernel: str, block_m: int, block_n: int, num_stages: int, blo
     return (2 * block_n * block_d + num_stages * 2 * block_m * block_d) * elem  # dkdv: K, V + (Q, dO) per stage
 
 
-def allowed_configs(kernel: str, block_d: int, elem: int, dropout: bool, smem_limit: int) -> list[tuple]:
+def allowed_configs(
+    kernel: str,
+    block_d: int,
+    elem: int,
+    dropout: bool,
+    smem_limit: int,
+    masked: bool = True,
+    head_dim: int | None = None,
+) -> list[tuple]:
     """The candidates of ``kernel`` worth autotuning for a head-dim tile ``block_d`` and element size ``elem``: those
-    the AOT gate found free of register spills (``GATED_CONFIGS``) whose shared memory fits ``smem_limit``; never
-    empty (the smallest candidate is the fallback)."""
+    the AOT gate found free of register spills whose shared memory fits ``smem_limit``; never empty (the smallest
+    candidate is the fallback). ``masked``: a bias or a key padding mask is given (``GATED_CONFIGS``, measured with
+    both); without them and without dropout the bigger tiles of ``PLAIN_GATED_CONFIGS`` join. ``head_dim`` (default
+    ``block_d``): a masked call at a head dim that is not a multiple of 16 loses ``PARTIAL8_MASKED_SPILLS``."""
     table = CONFIG_TABLES[kernel]
     gated = GATED_CONFIGS.get((kernel, block_d, elem, dropout))
+    if not masked and not dropout and (kernel, block_d, elem) in PLAIN_GATED_CONFIGS:
+        gated = (*(gated or ()), *PLAIN_GATED_CONFIGS[(kernel, block_d, elem)])
+    elif masked and head_dim is not None and head_dim % 16 and gated:
+        gated = tuple(c for c in gated if c not in PARTIAL8_MASKED_SPILLS.get((kernel, block_d, elem, dropout), ()))
     kept = [
         c
         for c in table
@@ -196,7 +278,13 @@ def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         allowed = allowed_configs(
-            kernel, args["BLOCK_D"], args["Q"].element_size(), bool(args["HAS_DROPOUT"]), _smem_limit(args["Q"].device)
+            kernel,
+            args["BLOCK_D"],
+            args["Q"].element_size(),
+            bool(args["HAS_DROPOUT"]),
+            _smem_limit(args["Q"].device),
+            masked=bool(args.get("HAS_BIAS", True)) or bool(args.get("HAS_KPM", True)),
+            head_dim=args.get("HEAD_DIM"),
         )
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
         return kept or configs[-1:]
@@ -208,10 +296,19 @@ def _configs(table):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
-_TUNE_KEY = ["N_Q", "N_K", "BLOCK_D", "HAS_BIAS", "HAS_KPM", "CAUSAL", "HAS_DROPOUT"]
+_TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM", "BLOCK_D", "HAS_BIAS", "HAS_KPM", "CAUSAL", "HAS_DROPOUT"]
 
 
 # ---- device helpers -----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mult8(stride):
+    # a stride the launcher guarantees to be a multiple of 8 elements (16 bytes at fp16), written so that the compiler
+    # knows it and vectorises the head-dim loads when the head dim is a multiple of 8 but not of 16 (72, 88, 200: the
+    # JIT marks only multiples of 16). (stride // 8) * 8 is exact for such a stride and costs two scalar ops;
+    # tl.multiple_of on a kernel argument is dropped by the compiler (measured: no vector load at head dim 72)
+    return (stride // 8) * 8
 
 
 @triton.jit
@@ -397,6 +494,11 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # program (query block, batch * head); int64 bases: batch * stride can pass 2**31
+    # the launchers pass (b, n, h) strides that are multiples of 8 elements (_strides8): aligned vector loads
+    stride_qb, stride_qn, stride_qh = _mult8(stride_qb), _mult8(stride_qn), _mult8(stride_qh)
+    stride_kb, stride_kn, stride_kh = _mult8(stride_kb), _mult8(stride_kn), _mult8(stride_kh)
+    stride_vb, stride_vn, stride_vh = _mult8(stride_vb), _mult8(stride_vn), _mult8(stride_vh)
+    stride_ob, stride_on = _mult8(stride_ob), _mult8(stride_on)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -498,6 +600,9 @@ def _attention_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     # delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]  (= rowsum(P * dP), with dropout included)
+    # the launchers pass (b, n, h) strides that are multiples of 8 elements (_strides8): aligned vector loads
+    stride_ob, stride_on, stride_oh = _mult8(stride_ob), _mult8(stride_on), _mult8(stride_oh)
+    stride_gb, stride_gn, stride_gh = _mult8(stride_gb), _mult8(stride_gn), _mult8(stride_gh)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -583,6 +688,13 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # program (key block, batch * head): dK, dV of BLOCK_N keys accumulated over every query block
+    # the launchers pass (b, n, h) strides that are multiples of 8 elements (_strides8): aligned vector loads
+    stride_qb, stride_qn, stride_qh = _mult8(stride_qb), _mult8(stride_qn), _mult8(stride_qh)
+    stride_kb, stride_kn, stride_kh = _mult8(stride_kb), _mult8(stride_kn), _mult8(stride_kh)
+    stride_vb, stride_vn, stride_vh = _mult8(stride_vb), _mult8(stride_vn), _mult8(stride_vh)
+    stride_gb, stride_gn, stride_gh = _mult8(stride_gb), _mult8(stride_gn), _mult8(stride_gh)
+    stride_dkb, stride_dkn, stride_dkh = _mult8(stride_dkb), _mult8(stride_dkn), _mult8(stride_dkh)
+    stride_dvb, stride_dvn, stride_dvh = _mult8(stride_dvb), _mult8(stride_dvn), _mult8(stride_dvh)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -723,6 +835,12 @@ def _attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     # program (query block, batch * head): dQ of BLOCK_M queries accumulated over every key block
+    # the launchers pass (b, n, h) strides that are multiples of 8 elements (_strides8): aligned vector loads
+    stride_qb, stride_qn, stride_qh = _mult8(stride_qb), _mult8(stride_qn), _mult8(stride_qh)
+    stride_kb, stride_kn, stride_kh = _mult8(stride_kb), _mult8(stride_kn), _mult8(stride_kh)
+    stride_vb, stride_vn, stride_vh = _mult8(stride_vb), _mult8(stride_vn), _mult8(stride_vh)
+    stride_gb, stride_gn, stride_gh = _mult8(stride_gb), _mult8(stride_gn), _mult8(stride_gh)
+    stride_dqb, stride_dqn, stride_dqh = _mult8(stride_dqb), _mult8(stride_dqn), _mult8(stride_dqh)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -836,6 +954,22 @@ def _head_tile(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _strides8(t: torch.Tensor, copy: bool = True) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``t`` (B, N, H, D) and its four strides, with the (b, n, h) strides multiples of 8 elements, as the kernels
+    assume (``_mult8``: 16-byte vector loads at head dims like 72 that are multiples of 8 but not of 16): a size-1
+    dim's stride is passed as 0 (its index is always 0); any other layout (an odd offset view) is copied to contiguous
+    (D must then be a multiple of 8, as the op's rule requires). ``copy=False`` (an output): raise instead."""
+    strides = [0 if size == 1 else stride for size, stride in zip(t.shape[:3], t.stride()[:3], strict=True)]
+    if any(s % 8 for s in strides) and not copy:
+        raise ValueError(f"output strides {t.stride()} are not multiples of 8 elements")
+    if any(s % 8 for s in strides):
+        t = t.contiguous()
+        strides = [0 if size == 1 else stride for size, stride in zip(t.shape[:3], t.stride()[:3], strict=True)]
+        if any(s % 8 for s in strides):
+            raise ValueError(f"head dim {t.shape[-1]} is not a multiple of 8 (the Triton attention kernels need it)")
+    return t, (*strides, t.stride(3))
+
+
 def _grid_bh(batch: int, heads: int) -> None:
     if batch * heads > MAX_GRID_Y:
         raise ValueError(f"batch * heads = {batch * heads} exceeds the grid limit {MAX_GRID_Y}")
@@ -875,6 +1009,7 @@ def attention_fwd(q, k, v, bias=None, key_padding_mask=None, causal=False, scale
     bias_t, bias_strides = _bias_args(bias, batch, heads, n_q, n_k, q)
     kpm_t, kpm_strides = _kpm_args(key_padding_mask, q)
     interp = interpreting(q)
+    (q, q_strides), (k, k_strides), (v, v_strides) = _strides8(q), _strides8(k), _strides8(v)
     _launch(
         _attention_fwd_kernel,
         lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads),
@@ -886,9 +1021,9 @@ def attention_fwd(q, k, v, bias=None, key_padding_mask=None, causal=False, scale
         v,
         bias_t,
         kpm_t,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
+        *q_strides,
+        *k_strides,
+        *v_strides,
         *bias_strides,
         *kpm_strides,
         out.stride(0),
@@ -975,6 +1110,8 @@ def attention_bwd(
     _grid_bh(batch, heads)
     interp = interpreting(q)
     block_d = _head_tile(head_dim)
+    (q, q_strides), (k, k_strides), (v, v_strides) = _strides8(q), _strides8(k), _strides8(v)
+    (grad_out, g_strides), (out, o_strides) = _strides8(grad_out), _strides8(out)
     # delta = rowsum(dO * O)
     delta = torch.empty_like(lse)
     preprocess_block = INTERPRETER_BLOCK_M if interp else PREPROCESS_BLOCK_M
@@ -982,8 +1119,8 @@ def attention_bwd(
         delta,
         out,
         grad_out,
-        *out.stride(),
-        *grad_out.stride(),
+        *o_strides,
+        *g_strides,
         heads,
         n_q,
         HEAD_DIM=head_dim,
@@ -1009,7 +1146,7 @@ def attention_bwd(
         BLOCK_D=block_d,
     )
     scalars = (heads, n_q, n_k, scale, float(dropout_p), int(seed))
-    qkv_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    qkv_strides = (*q_strides, *k_strides, *v_strides, *g_strides)
     # dK, dV (and dS for the bias gradient): one program per key block
     _launch(
         _attention_bwd_dkdv_kernel,
@@ -1027,8 +1164,8 @@ def attention_bwd(
         bias_t,
         kpm_t,
         *qkv_strides,
-        *dk.stride(),
-        *dv.stride(),
+        *_strides8(dk, copy=False)[1],
+        *_strides8(dv, copy=False)[1],
         *bias_strides,
         *kpm_strides,
         *scalars,
@@ -1050,7 +1187,7 @@ def attention_bwd(
         bias_t,
         kpm_t,
         *qkv_strides,
-        *dq.stride(),
+        *_strides8(dq, copy=False)[1],
         *bias_strides,
         *kpm_strides,
         *scalars,

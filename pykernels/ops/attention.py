@@ -37,11 +37,15 @@ from pykernels._dtypes import FLOAT_DTYPES
 from pykernels.ops import _eager
 from pykernels.reference import attention as _reference
 
-# the Triton kernel's head dims, padded inside the kernel to a power-of-two tile (16 ... 256) with masked loads: those
-# the AOT gate compiles without register spills on sm_80 / sm_90. Other multiples of 8 were tried: 72 (SigLIP2) and
-# 200 spill in the forward, dq, dk/dv and preprocessing kernels (the head-dim masks of a tile that is not full), so
-# they run on PyTorch's SDPA. And the float32 limit (wider float32 tiles spill registers: found by the same gate)
-SUPPORTED_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 80, 96, 128, 256)
+# the Triton kernel's head dims: every multiple of 8 up to 256 (ViT-H 80, SigLIP2 72, ViT-g 88, 200 ...), padded inside
+# the kernel to a power-of-two tile (16 ... 256) with masked loads. A head dim that is a multiple of 8 but not of 16
+# compiles without register spills because the launchers pass (b, n, h) strides that are multiples of 8 elements and
+# the kernels tell the compiler so (triton_kernels/attention.py: _strides8, _mult8): 16-byte vector loads; without it
+# 72 and 200 spilled in the AOT gate. Other head dims (not a multiple of 8, or above 256) run on PyTorch's SDPA. And
+# the float32 limit (wider float32 tiles spill registers: found by the same gate)
+HEAD_DIM_MULTIPLE = 8
+MAX_HEAD_DIM = 256
+SUPPORTED_HEAD_DIMS = tuple(range(HEAD_DIM_MULTIPLE, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
 FP32_MAX_HEAD_DIM = 64
 
 # ---- argument rules ------------------------------------------------------------------------------------------------
@@ -94,8 +98,9 @@ def head_dim_reasons(head_dim: int) -> list[str]:
     if head_dim in SUPPORTED_HEAD_DIMS:
         return []
     return [
-        f"head dim {head_dim} not supported by the Triton attention kernel "
-        f"(supported head dims: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+        f"head dim {head_dim} not supported by the Triton attention kernel (it takes every multiple of "
+        f"{HEAD_DIM_MULTIPLE} from {HEAD_DIM_MULTIPLE} to {MAX_HEAD_DIM}: 16-byte aligned head-dim loads, tiles up to "
+        f"{MAX_HEAD_DIM})"
     ]
 
 

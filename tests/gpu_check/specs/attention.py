@@ -5,15 +5,17 @@ One dict per representative specialisation the launchers ``attention_fwd`` / ``a
 compiles each for sm_80 and sm_90 without a GPU and fails on compile errors, register spills or shared memory over the
 limit. Int arguments are specialised as the JIT does it for a ViT block: q, k, v = qkv.unbind(2) of a packed (B, N, 3,
 H, D) projection (all strides multiples of 16, head-dim stride 1 -> constexpr), N = 197 (odd), a (1, H, N, N) bias
-(batch stride 0, key stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0). Every
-autotune config that the prune filter keeps (``K.GATED_CONFIGS``, sm_80's shared memory) is compiled with the heaviest
-flags (bias + padding mask (+ dbias), dropout on and off) at head dims 64 / 80 / 128 / 256 in fp16, 64 / 128 in bf16 and
-64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair where every candidate spills is
-marked xfail); the other flag combinations (causal, bias, dropout) on the first kept config at head dim 64, fp16; the
-preprocessing kernel at every head dim and dtype; fp16 specs at head dims 8 and 24 (multiples of 8, not of 16: masked
-head-dim loads; 72 and 200 spill, so the op does not take them). Calibrating ``K.GATED_CONFIGS``: compile every
-candidate with ``_aot_specs(heavy=..., filter_configs=False, variations=False)`` (``aot.check`` on each) and keep the
-rows without spills.
+(batch stride 0, key stride 1), a (B, N) key padding mask; absent tensors are replaced by q (their strides 0).
+Every autotune config that the prune filter keeps (``K.allowed_configs``, sm_80's shared memory) is compiled: with the
+heaviest flags (bias + padding mask (+ dbias), dropout on and off; ``K.GATED_CONFIGS``) at head dims 64 / 80 / 128 /
+256 in fp16, 64 / 128 in bf16 and 64 in fp32 (``pykernels.ops.attention.FP32_MAX_HEAD_DIM``; a (dtype, head dim) pair
+where every candidate spills is marked xfail), and the bigger tiles kept without bias, mask and dropout
+(``K.PLAIN_GATED_CONFIGS``) with causal on, at the same fp16 / bf16 head dims; the other flag combinations (causal,
+bias, dropout) on the first kept config at head dim 64, fp16; every kept config with the heaviest flags at head dims
+that are multiples of 8 but not of 16 (``PARTIAL8_HEAD_DIMS``: strides multiples of 8, not 16; masked loads of a
+partly filled tile), and the first plain config at 72 and 200; the preprocessing kernel at ``PREPROCESS_HEAD_DIMS``
+and every dtype. Calibrating the tables: compile every candidate with ``_aot_specs(heavy=..., filter_configs=False,
+variations=False)`` (``aot.check`` on each) and keep the rows without spills.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import torch
 
 from pykernels.ops import attention as ATTENTION_OP
 from pykernels.triton_kernels import attention as K
+
+# the op takes every multiple of 8 up to 256 (ATTENTION_OP.SUPPORTED_HEAD_DIMS); the gate compiles a sample: each
+# power-of-two tile full (16 ... 256) and partly filled, multiples of 16 (48, 80, 96) and of 8 only (PARTIAL8_HEAD_DIMS)
+PARTIAL8_HEAD_DIMS = (8, 24, 72, 88, 200)
+PREPROCESS_HEAD_DIMS = (8, 16, 24, 32, 48, 64, 72, 80, 88, 96, 128, 200, 256)
 
 
 def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True) -> list[dict]:
@@ -153,11 +160,13 @@ def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True)
             "num_warps": K.PREPROCESS_NUM_WARPS,
         }
 
-    def kept(kernel, head_dim, dtype, dropout):
+    def kept(kernel, head_dim, dtype, dropout, masked=True):
         elem = torch.tensor([], dtype=dtype).element_size()
         if not filter_configs:
             return list(K.CONFIG_TABLES[kernel])
-        return K.allowed_configs(kernel, K._head_tile(head_dim), elem, dropout, sm80_smem)
+        return K.allowed_configs(
+            kernel, K._head_tile(head_dim), elem, dropout, sm80_smem, masked=masked, head_dim=head_dim
+        )
 
     def make(kernel, cfg, dtype, head_dim, causal, bias, kpm, dropout):
         if kernel == "fwd":
@@ -189,16 +198,39 @@ def _aot_specs(heavy=None, filter_configs: bool = True, variations: bool = True)
                         "(tf32x3 dots); runs on the smallest tile, slowly - use fp16 / bf16 for speed"
                     )
                 specs.append(spec)
+        # every kept config without bias, padding mask and dropout (the bigger PLAIN_GATED_CONFIGS tiles), causal on
+        for dtype, head_dim in heavy:
+            if dtype == f32 or not filter_configs:
+                continue
+            masked_kept = kept(kernel, head_dim, dtype, False)
+            for cfg in kept(kernel, head_dim, dtype, False, masked=False):
+                if cfg not in masked_kept:
+                    specs.append(make(kernel, cfg, dtype, head_dim, True, False, False, False))
         # the other flag combinations (causal, bias, dropout) on the first kept config, head dim 64
         for causal, bias, dropout in itertools.product((False, True), repeat=3):
             if variations and (causal, bias) != (False, True):
                 specs.append(make(kernel, kept(kernel, 64, f16, dropout)[0], f16, 64, causal, bias, False, dropout))
-    # head dims that are multiples of 8 but not of 16 (masked loads on every padded tile size): the first kept config
-    # of each kernel with the heaviest flags, fp16
-    for head_dim in (8, 24) if variations else ():
-        for kernel in K.CONFIG_TABLES:
-            specs.append(make(kernel, kept(kernel, head_dim, f16, False)[0], f16, head_dim, False, True, True, False))
-    for dtype, head_dim in itertools.product((f16, bf16, f32), ATTENTION_OP.SUPPORTED_HEAD_DIMS if variations else ()):
+    # head dims that are multiples of 8 but not of 16 (masked loads on every padded tile size; strides multiples of 8,
+    # not 16): every kept config of each kernel with the heaviest flags (dropout on and off), fp16; at 72 and 200 also
+    # the biggest plain tile (no bias / mask / dropout, causal)
+    for head_dim in PARTIAL8_HEAD_DIMS if variations else ():
+        for kernel, dropout in itertools.product(K.CONFIG_TABLES, (False, True)):
+            for cfg in kept(kernel, head_dim, f16, dropout):
+                specs.append(make(kernel, cfg, f16, head_dim, False, True, True, dropout))
+            if head_dim in (72, 200) and not dropout:
+                specs.append(
+                    make(
+                        kernel,
+                        kept(kernel, head_dim, f16, False, masked=False)[0],
+                        f16,
+                        head_dim,
+                        True,
+                        False,
+                        False,
+                        False,
+                    )
+                )
+    for dtype, head_dim in itertools.product((f16, bf16, f32), PREPROCESS_HEAD_DIMS if variations else ()):
         if dtype != f32 or head_dim <= ATTENTION_OP.FP32_MAX_HEAD_DIM:
             specs.append(preprocess(dtype, head_dim))
     return specs

@@ -41,8 +41,8 @@ Conventions:
   load and the AOT gate measured register spills at 72 and 200.
 * tiles: autotuned among the candidates that the AOT gate compiles without spills: ``GATED_CONFIGS`` for calls with
   a bias or a key padding mask (calibrated with both), plus the bigger ``PLAIN_GATED_CONFIGS`` tiles for calls
-  without bias, mask or dropout (calibrated with causal on), minus ``PARTIAL8_MASKED_SPILLS`` for masked calls at head
-  dims that are not multiples of 16.
+  without bias, mask or dropout (calibrated with causal on), minus ``PARTIAL8_SPILLS`` at head dims that are not
+  multiples of 16.
 * bias gradient: ``dS`` (the gradient of the scores) is materialised in a (B, H, Nq, Nk) fp32 buffer only when
   ``need_grad_bias`` and reduced over the bias's broadcast dims with torch (``sum_to_size``); that costs
   ``4 * B * H * Nq * Nk`` bytes of temporary memory (e.g. 20 MB for B=8, H=12, N=197).
@@ -219,11 +219,14 @@ PLAIN_GATED_CONFIGS: dict[tuple[str, int, int], tuple[tuple[int, int, int, int],
     # forward 64 x 64 on 8 warps (255 / 196); 128 x 32 and 64 x 32 / 64 x 64 on 4 warps spill
     ("fwd", 256, 2): ((64, 64, 8, 2),),
 }
-# A masked call (bias / padding mask) at a head dim that is a multiple of 8 but not of 16 (72, 88, 200): a few
-# GATED_CONFIGS tiles at the 255 cap spill there (the head-dim masks of the partly filled tile and the 8-element
-# alignment cost a few registers; AOT gate, sm_90): they are left out, per (kernel, BLOCK_D, element size, dropout)
-PARTIAL8_MASKED_SPILLS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int], ...]] = {
-    ("fwd", 256, 2, True): ((32, 32, 4, 2),),  # head dim 200 with dropout: 4 B spilled on sm_90
+# At a head dim that is a multiple of 8 but not of 16 (72, 88, 200) a few tiles at the 255 cap spill (the head-dim
+# masks of the partly filled tile and the 8-element alignment cost a few registers; AOT gate): they are left out, per
+# (kernel, BLOCK_D, element size, dropout), with or without bias / mask
+PARTIAL8_SPILLS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int], ...]] = {
+    # head dim 200 with dropout, masked: 64 x 32 w8 36 B (sm_80) / 20 B (sm_90), 32 x 32 4 B (sm_90)
+    ("fwd", 256, 2, True): ((64, 32, 8, 2), (32, 32, 4, 2)),
+    ("dkdv", 256, 2, False): ((32, 64, 8, 2),),  # head dim 200, plain: 4 B on sm_80
+    ("dkdv", 256, 2, True): ((16, 16, 4, 1),),  # head dim 200 with dropout, masked: 4 B on sm_90 (16 x 32 does not)
 }
 
 
@@ -249,13 +252,13 @@ def allowed_configs(
     the AOT gate found free of register spills whose shared memory fits ``smem_limit``; never empty (the smallest
     candidate is the fallback). ``masked``: a bias or a key padding mask is given (``GATED_CONFIGS``, measured with
     both); without them and without dropout the bigger tiles of ``PLAIN_GATED_CONFIGS`` join. ``head_dim`` (default
-    ``block_d``): a masked call at a head dim that is not a multiple of 16 loses ``PARTIAL8_MASKED_SPILLS``."""
+    ``block_d``): at a head dim that is not a multiple of 16 ``PARTIAL8_SPILLS`` are left out."""
     table = CONFIG_TABLES[kernel]
     gated = GATED_CONFIGS.get((kernel, block_d, elem, dropout))
     if not masked and not dropout and (kernel, block_d, elem) in PLAIN_GATED_CONFIGS:
         gated = (*(gated or ()), *PLAIN_GATED_CONFIGS[(kernel, block_d, elem)])
-    elif masked and head_dim is not None and head_dim % 16 and gated:
-        gated = tuple(c for c in gated if c not in PARTIAL8_MASKED_SPILLS.get((kernel, block_d, elem, dropout), ()))
+    if head_dim is not None and head_dim % 16 and gated:
+        gated = tuple(c for c in gated if c not in PARTIAL8_SPILLS.get((kernel, block_d, elem, dropout), ()))
     kept = [
         c
         for c in table

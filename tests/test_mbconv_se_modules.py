@@ -325,6 +325,28 @@ def test_refold_after_weight_and_statistic_changes():
     same()
 
 
+def test_a_replaced_submodule_is_used_at_the_next_call():
+    """The forward looks its parts up at every call (walking the children dicts): a BatchNorm or SE layer replaced on
+    the block after conversion is what the next call computes with, as the original module would."""
+    ours, twin = _block_pair("ir_e6_k3_s1")
+    ours.eval(), twin.eval()
+    x = torch.randn(2, 16, 8, 8)
+    roles = [role for role in ("dw_bn", "proj_bn") if role in ours._layout.paths]
+    assert roles
+    for role in roles:
+        path = ours._layout.paths[role]
+        bn, twin_bn = copy.deepcopy(ours.get_submodule(path)), copy.deepcopy(twin.get_submodule(path))
+        with torch.no_grad():
+            for norm in (bn, twin_bn):  # each keeps its own class (timm's BatchNormAct2d holds the activation)
+                norm.running_mean.add_(0.5)
+                norm.weight.mul_(2.0)
+        ours.set_submodule(path, bn)
+        twin.set_submodule(path, twin_bn)
+        assert ours._part(role) is bn
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), twin(x), rtol=1e-4, atol=1e-5)
+
+
 def test_deepcopy_and_pickle_after_eval():
     """A block that has run in eval holds folded (maybe oneDNN-packed) weights: deepcopy (timm's ModelEma does it)
     and pickling still work, and the copy computes the same."""

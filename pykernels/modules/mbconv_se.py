@@ -152,8 +152,9 @@ def _se_scale(mean, reduce: nn.Conv2d, expand: nn.Conv2d, act: str, gate: str) -
     return _gate(TF.linear(hidden, w2, expand.bias), gate)
 
 
-def _se_parts(m: nn.Module):
-    """((reduce conv, expand conv, act name, gate name), problems) of a known SE layout, or (None, [])."""
+def _se_parts(m: nn.Module, check: bool = True):
+    """((reduce conv, expand conv, act name, gate name), problems) of a known SE layout, or (None, []); ``check=False``
+    (every forward) leaves the problems out."""
     name = type(m).__name__
     if isinstance(m, SqueezeExcite):
         return (m.conv_reduce, m.conv_expand, m.act, m.gate), []
@@ -167,6 +168,8 @@ def _se_parts(m: nn.Module):
         parts = (m.fc1, m.fc2, "relu", "sigmoid")
     elif name == "SEModule" and all(hasattr(m, a) for a in ("fc1", "bn", "act", "fc2", "gate")):  # timm.layers
         parts = (m.fc1, m.fc2, _act_name(m.act), _gate_name(m.gate))
+        if not check:
+            return parts, []
         problems = []
         if getattr(m, "add_maxpool", False):
             problems.append("the SE squeeze adds a max-pool (timm SEModule add_maxpool=True)")
@@ -175,7 +178,7 @@ def _se_parts(m: nn.Module):
         return parts, problems + _se_part_problems(m, parts)
     else:
         return None, []
-    return parts, _se_part_problems(m, parts)
+    return parts, _se_part_problems(m, parts) if check else []
 
 
 def _se_part_problems(m: nn.Module, parts) -> list[str]:
@@ -935,7 +938,16 @@ class FusedMBConvSE(nn.Module):
 
     def _part(self, role: str):
         path = self._layout.paths.get(role)
-        return None if path is None else self.get_submodule(path)
+        if path is None:
+            return None
+        # get_submodule(path), walking the children dicts (get_submodule's hasattr / getattr / isinstance per level
+        # cost ~1 us a part, and a forward looks up ten); anything unusual takes get_submodule itself (its errors)
+        module = self
+        for name in path.split("."):
+            module = module._modules.get(name)
+            if module is None:
+                return self.get_submodule(path)
+        return module
 
     @property
     def kind(self) -> str:
@@ -1161,5 +1173,5 @@ def _drop_path_args(drop: nn.Module) -> tuple[float, str, str, bool]:
 
 
 def _se_modules(se: nn.Module):
-    parts, _ = _se_parts(se)
+    parts, _ = _se_parts(se, check=False)
     return parts[0], parts[1]

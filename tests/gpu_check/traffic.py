@@ -761,6 +761,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The checkout's commit (``+dirty`` when the kernels differ from it), or ``unknown`` outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "triton_kernels"], cwd=root).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_outputs(rows: list[dict[str, Any]], json_path: Path | None, txt_path: Path | None) -> str:
     text = format_table(rows)
     meta = {
@@ -770,6 +785,7 @@ def write_outputs(rows: list[dict[str, Any]], json_path: Path | None, txt_path: 
         "device_model": f"{SM90_PROPERTIES.name}: launchers' CUDA tiles, attention = 1st config kept by the pruner",
         "sector_bytes": SECTOR,
         "note": "Triton launches only (torch ops between them not counted); addresses counted under TRITON_INTERPRET",
+        "commit": _commit(),
     }
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

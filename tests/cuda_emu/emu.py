@@ -383,7 +383,7 @@ def traffic_main(substrings: list[str], out: str | None, rev: str | None = None)
             "generated_by": "python tests/cuda_emu/emu.py traffic --out "
             + out
             + "".join(f" -k {k}" for k in substrings),
-            "definitions": "tests/cuda_emu/traffic_cases.py (counting) and traffic_report.py (extrapolation, gate)",
+            "definitions": "tests/cuda_emu/traffic_cases.py (counting), traffic_report.py (scaling, gate)",
             "gate_ratio": traffic_report.GATE_RATIO,
             "known_excess": {
                 f"{op} {d}": {"reason": r, "figure": f} for (op, d), (r, f) in traffic_report.KNOWN_EXCESS.items()

@@ -1,17 +1,17 @@
 """Combine, gate and print the global-memory traffic of the CUDA kernels counted by the emulator (traffic_cases.py).
 
-The emulator runs one host thread per CUDA thread, so each case is counted at batch 1 (MEASURED_BATCH) and brought to
-the benchmark's batch by a dry run: the same call at the benchmark batch with the launches recorded but not run
-(every launcher allocation still happens), which gives the size of every tensor and every allocation of the call at
-that batch. Each term - the distinct bytes of one allocation in one launch - is scaled by its
-allocation's size at the benchmark batch over its size at batch 1 (the allocations are matched by name for the call's
-tensors and by order for its workspaces: the launcher allocates in the same order at any batch). Exact when a launch
-touches the same fraction of a buffer at both batches (every buffer here: activations and their gradients grow with
-the batch, parameters and their float32 copies do not, a partial-sum buffer of G blocks has the G of the benchmark's
-grid). test_cuda_traffic.py checks it against a real count at batch 2. At batch 1 the parameters weigh as much as the
-activations in the 7 x 7 and 14 x 14 stages: the measured ratios at that batch are in the rows too, but the gate
-reads the scaled ones. Requested bytes are reported at the counted batch only: a parameter re-read by every block
-grows with the grid, not with its buffer.
+The emulator runs one host thread per CUDA thread, so each case is counted at batch 1 (MEASURED_BATCH; doubled until
+it launches the same kernels as the benchmark's batch: emu.measure_traffic) and brought to the benchmark's batch by a
+dry run: the same call at the benchmark batch with the launches recorded but not run (every launcher allocation still
+happens), which gives the size of every tensor and every allocation of the call at that batch. Each term - the
+distinct bytes of one allocation in one launch - is scaled by its allocation's size at the benchmark batch over its
+size at the counted batch (the allocations are matched by name for the call's tensors and by order for its workspaces:
+the launcher allocates in the same order at any batch). Exact when a launch touches the same fraction of a buffer at
+both batches (every buffer here: activations and their gradients grow with the batch, parameters and their float32
+copies do not, a partial-sum buffer of G blocks has the G of the benchmark's grid). test_cuda_traffic.py checks it
+against a real count at batch 2. At batch 1 the parameters weigh as much as the activations in the 7 x 7 and 14 x 14
+stages: the measured ratios at that batch are in the rows too, but the gate reads the scaled ones. Requested bytes are
+reported at the counted batch only: a parameter re-read by every block grows with the grid, not with its buffer.
 
 Gate (tests/gpu_check/test_cuda_traffic.py and ``emu.py traffic``): distinct bytes / minimum bytes at the benchmark
 batch <= GATE_RATIO for every op x direction x case, unless KNOWN_EXCESS gives the op x direction a reason and the

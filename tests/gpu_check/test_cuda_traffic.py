@@ -3,10 +3,11 @@ traffic variant (tests/cuda_emu/traffic.cpp: every load, store and atomic of eve
 counted), at benchmark shapes, against the minimum traffic of each op.
 
 * test_counter_exact: the counter on a kernel whose traffic is known to the byte (tests/cuda_emu/traffic_probe.cu).
-* test_traffic_gate: one case per op x direction (GATE_CASES, the cheapest benchmark shape of each), measured at
-  batch 1 and 2 and extrapolated to the benchmark batch (tests/cuda_emu/traffic_report.py): distinct bytes within
-  GATE_RATIO x the minimum, or a known excess with its reason (KNOWN_EXCESS, strict both ways).
+* test_traffic_gate: one case per op x direction (GATE_CASES, the cheapest benchmark shape of each), counted at a
+  small batch and scaled to the benchmark batch by a dry run (tests/cuda_emu/traffic_report.py): distinct bytes
+  within GATE_RATIO x the minimum, or a known excess with its reason (KNOWN_EXCESS, strict both ways).
   Every case: ``python tests/cuda_emu/emu.py traffic --out bench/results/gpu-traffic-cuda.json``.
+* test_scaling_matches_a_count: that scaling against a real count at batch 2.
 
 Run with the other GPU-code gates (``PYKERNELS_GPU_CHECK=1 python -m pytest tests/gpu_check -n 2 -q``); the table is
 printed at the end of the run and written to cuda_traffic.txt / cuda_traffic.json beside cuda_resources.txt.

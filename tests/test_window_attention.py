@@ -466,3 +466,37 @@ def test_attention_dropout_acts_and_is_reproducible():
     torch.testing.assert_close(fused(x, mask), first, rtol=0, atol=0)
     with torch.no_grad():
         assert not torch.allclose(first, fused.eval()(x, mask), atol=1e-3)
+
+
+def test_cpu_training_with_a_learned_bias_runs_atens_sdpa_with_the_same_maths(monkeypatch):
+    """Training on CPU (automatic backend, bias table needing a gradient) goes through ATen's SDPA autograd as timm's
+    fused path does (the op's torch backend would recompute the probabilities for the bias gradient); an explicit
+    backend keeps the op. Both give the same forward and gradients."""
+    calls = []
+    real = pykernels.functional.attention
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(pykernels.functional, "attention", spy)
+    torch.manual_seed(0)
+    fused = FusedWindowAttention(DIM, HEADS, WINDOW).double().train()
+    with torch.no_grad():
+        fused.relative_position_bias_table.normal_(0, 0.5)
+    x = torch.randn(2 * 3, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = _shift_mask(3).double()
+
+    def run():
+        out = fused(x, mask)
+        grads = torch.autograd.grad(out.square().sum(), [x, *fused.parameters()])
+        return out, grads
+
+    out, grads = run()
+    assert calls == []
+    with pykernels.use_backend("torch"):
+        ref_out, ref_grads = run()
+    assert calls == [1]
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

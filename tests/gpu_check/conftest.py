@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ TRAFFIC_ROW_PROPERTY = "cuda_traffic_row"  # test_cuda_traffic.py
 _rows: list[dict] = []
 _cuda_rows: list[dict] = []
 _traffic_rows: list[dict] = []
+_SESSION_START = time.time()  # test_triton_traffic.py writes its table into the report folder: shown if from this run
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +104,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             path.with_name("cuda_traffic.txt"),
         )
         path.with_name("cuda_traffic.json").write_text(json.dumps(rows, indent=1) + "\n")
+    triton_traffic = path.with_name("triton_traffic.txt")
+    if triton_traffic.exists() and triton_traffic.stat().st_mtime >= _SESSION_START:
+        _write_section(
+            terminalreporter,
+            "Triton kernels: global-memory traffic per launch (interpreter, test_triton_traffic.py)",
+            triton_traffic.read_text().rstrip(),
+            triton_traffic,
+        )

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from . import aot
+from . import occupancy as occupancy_rules
 from .conftest import CUDA_ROW_PROPERTY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,6 +42,14 @@ LAUNCH_THREADS = {
     "mbconv_se_bwd_reduce_kernel": 256,
     "mbconv_se_bwd_main_kernel": 256,
     "mbconv_se_bwd_input_kernel": 256,
+}
+# Dynamic shared memory per block: the most each launcher asks for (its kSmemBudget; the launchers shrink their tiles
+# to stay under it, so the occupancy below is a lower bound). Kernels not listed use none.
+DYNAMIC_SMEM_BUDGET = {
+    **{k: 96 * 1024 for k in LAUNCH_THREADS if k.startswith("dwconv_ln_")},  # dwconv_ln.cu kSmemBudget
+    # mbconv_se.cu kSmemBudget (dynamic + static) for the kernels that stage a window
+    **{k: 48 * 1024 for k in ("mbconv_se_stats_kernel", "mbconv_se_fwd_kernel", "mbconv_se_bwd_reduce_kernel")},
+    **{k: 48 * 1024 for k in ("mbconv_se_bwd_main_kernel", "mbconv_se_bwd_input_kernel")},
 }
 _ARCH_RE = re.compile(r"^arch = (sm_\d+)", re.M)
 _FUNC_RE = re.compile(r"Function\s+(\S+?):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -119,8 +128,11 @@ def parse_resources(text: str) -> list[dict]:
             problems.append(f"{regs} registers x {threads} threads > {REGISTERS_PER_BLOCK}: the launch would fail")
         if shared > limit:
             problems.append(f"{shared} B static shared memory > {limit} B per block")
+        smem = shared + DYNAMIC_SMEM_BUDGET.get(kernel, 0)
+        occ = occupancy_rules.occupancy(arch, threads, regs, min(smem, limit)) if arch != "?" else None
         rows.append(
             {
+                "stem": next((f for f in ("drop_path", "dwconv_ln", "mbconv_se") if kernel.startswith(f)), "?"),
                 "kernel": kernel,
                 "config": config,
                 "arch": arch,
@@ -129,13 +141,15 @@ def parse_resources(text: str) -> list[dict]:
                 "local": local,
                 "shared": shared,
                 "threads": threads,
+                "occupancy": None if occ is None else occ.fraction,
+                "occupancy_limiter": None if occ is None else occ.limiter,
                 "problems": problems,
             }
         )
     return rows
 
 
-COLUMNS = ("kernel", "config", "arch", "regs", "threads", "stack B", "local B", "smem B", "status")
+COLUMNS = ("kernel", "config", "arch", "regs", "threads", "stack B", "local B", "smem B", "occ %", "limit", "status")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -149,12 +163,14 @@ def format_table(rows: list[dict]) -> str:
             str(r["stack"]),
             str(r["local"]),
             str(r["shared"]),
+            "?" if r.get("occupancy") is None else f"{100 * r['occupancy']:.1f}",
+            str(r.get("occupancy_limiter")),
             "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"]),
         )
         for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["arch"]))
     ]
     widths = [max(len(c) for c in col) for col in zip(COLUMNS, *lines, strict=True)]
-    numeric = {3, 4, 5, 6, 7}
+    numeric = {3, 4, 5, 6, 7, 8}
 
     def fmt(values):
         return "  ".join(v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
@@ -167,7 +183,8 @@ def summary(rows: list[dict]) -> str:
     return (
         f"{len(rows)} kernels x archs ({len({(r['kernel'], r['config']) for r in rows})} kernels, archs "
         f"{sorted({r['arch'] for r in rows})}), {failed} failed; max registers "
-        f"{max((r['registers'] for r in rows), default=0)}, max stack {max((r['stack'] for r in rows), default=0)} B"
+        f"{max((r['registers'] for r in rows), default=0)}, max stack {max((r['stack'] for r in rows), default=0)} B\n\n"
+        + occupancy_rules.summary(rows, "CUDA extension; smem = static + the launcher's dynamic budget: a lower bound")
     )
 
 

@@ -193,12 +193,18 @@ def _build(cls, configs):
                 kwargs[p.name] = value
         if missing:
             return None, f"constructor needs {', '.join(missing)}"
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                return cls(*args, **kwargs), None
-        except Exception as exc:  # noqa: BLE001 - reported as "not built"
-            errors.append(f"{type(config).__name__}: {type(exc).__name__}: {exc}")
+        if getattr(config, "_attn_implementation", "") is None:  # set by from_pretrained / a model, not the config
+            with contextlib.suppress(Exception):
+                config._attn_implementation = "sdpa"
+        # window_size: an int for Swin-like layers, a (height, width) tuple for BEiT-like ones
+        variants = [kwargs] + ([{**kwargs, "window_size": (4, 4)}] if "window_size" in kwargs else [])
+        for attempt in variants:
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    return cls(*args, **attempt), None
+            except Exception as exc:  # noqa: BLE001 - reported as "not built"
+                errors.append(f"{type(config).__name__}: {type(exc).__name__}: {exc}")
     return None, (errors[0][:160] if errors else "no constructor call worked")
 
 

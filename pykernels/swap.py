@@ -163,6 +163,17 @@ def _window_probe(m: nn.Module):
     return (x, mask.to(x))
 
 
+def _hf_relpos_probe(m: nn.Module):
+    """BEiT-family attention: a class token + the patches of the relative-position window, with the resolution."""
+    s = m.attention
+    dim = s.query.in_features
+    if s.has_relative_position_bias:
+        wh, ww = s.relative_position_bias.window_size
+        patch = s.config.patch_size
+        return (_like(m, 2, 1 + wh * ww, dim), False, None, False, (wh * patch, ww * patch))
+    return (_like(m, 2, 5, dim),)
+
+
 CONVERTERS: list[Converter] = [
     # before "drop_path": a whole block is replaced (its DropPath with it) before its parts are considered
     Converter(
@@ -189,6 +200,14 @@ CONVERTERS: list[Converter] = [
         _attention.window_unsupported_reasons,
         _attention.FusedWindowAttention.from_module,
         _window_probe,
+        default=False,
+    ),
+    Converter(
+        "attention",
+        _attention.is_hf_relpos_candidate,
+        _attention.hf_relpos_unsupported_reasons,
+        _attention.FusedHFRelPosAttention.from_module,
+        _hf_relpos_probe,
         default=False,
     ),
     Converter(

@@ -52,7 +52,7 @@ MUST_REPLACE = {
     "hf_swin": {"attention": 4, "mlp": 4, "drop_path": 3},
     "hf_swinv2": {"attention": 4, "drop_path": 3},
     "hf_beit": {"attention": 2, "mlp": 2, "drop_path": 1},
-    "hf_data2vec_vision": {},
+    "hf_data2vec_vision": {"attention": 2, "drop_path": 1},
     "hf_clip_vision": {"attention": 2},
     "hf_convnext": {"convnext_block": 4},
     "hf_convnextv2": {"drop_path": 3},

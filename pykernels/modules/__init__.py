@@ -1,6 +1,7 @@
 """Public nn.Modules of pykernels (each with a ``from_module`` converter)."""
 
 from pykernels.modules.attention import (
+    FusedHFRelPosAttention,
     FusedHFWindowAttention,
     FusedMHSA,
     FusedMultiheadAttention,
@@ -18,6 +19,7 @@ __all__ = [
     "ConvNeXtBlock",
     "DropPath",
     "DWConvLayerNorm",
+    "FusedHFRelPosAttention",
     "FusedHFWindowAttention",
     "FusedMBConvSE",
     "FusedMHSA",

@@ -228,6 +228,7 @@ def is_candidate(module: nn.Module) -> bool:
         or type(module).__name__ in KNOWN_UNSUPPORTED  # reported as skipped, with the reason
         or _WINDOW_NAME.search(type(module).__name__) is not None
         or _is_hf_window_self_half(module)
+        or _is_hf_relpos_self_half(module)
     )
 
 
@@ -256,6 +257,8 @@ def unsupported_reasons(module: nn.Module) -> list[str]:
         return [KNOWN_UNSUPPORTED[type(module).__name__]]
     if _is_hf_window_self_half(module):
         return [_WINDOW_SELF_HALF]
+    if _is_hf_relpos_self_half(module):
+        return [_RELPOS_SELF_HALF]
     if _WINDOW_NAME.search(type(module).__name__):
         return [_WINDOW_ATTENTION]
     if _is_hf_vit_attention(module):
@@ -403,6 +406,21 @@ def _is_hf_window_self_half(m: nn.Module) -> bool:
         and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
         and (hasattr(m, "relative_position_bias_table") or hasattr(m, "logit_scale"))
         and hasattr(m, "window_size")
+    )
+
+
+_RELPOS_SELF_HALF = (
+    "the attention half (query / key / value, no output projection) of a Hugging Face BEiT-family layer: converted "
+    "with its parent *Attention (self + output) as FusedHFRelPosAttention, not alone"
+)
+
+
+def _is_hf_relpos_self_half(m: nn.Module) -> bool:
+    """HF ``Data2VecVisionSelfAttention``-style modules: query / key / value Linears and has_relative_position_bias."""
+    return (
+        type(m).__module__.startswith("transformers.")
+        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and hasattr(m, "has_relative_position_bias")
     )
 
 
@@ -1399,3 +1417,93 @@ def _window_load_hook(module, state_dict, prefix, local_metadata, strict, missin
         chunks = dict((i, state_dict.pop(prefix + name)) for name, i in parts)
         first = next(iter(chunks.values()))
         state_dict[prefix + own] = torch.cat([chunks[i] if i in chunks else torch.zeros_like(first) for i in range(3)])
+
+
+# ---- Hugging Face's self / output attention layout with a relative-position bias (BEiT family) -------------------
+
+
+def is_hf_relpos_candidate(m: nn.Module) -> bool:
+    """Hugging Face's older BEiT-family layout (``Data2VecVisionAttention``; ``BeitAttention`` before transformers 5):
+    ``attention`` holding ``query`` / ``key`` / ``value`` Linears, ``num_attention_heads``, ``attention_head_size``
+    and ``has_relative_position_bias``, and ``output`` holding ``dense``."""
+    if isinstance(m, FusedHFRelPosAttention):
+        return False
+    s, o = getattr(m, "attention", None), getattr(m, "output", None)
+    return (
+        isinstance(s, nn.Module)
+        and isinstance(o, nn.Module)
+        and all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and isinstance(getattr(o, "dense", None), nn.Linear)
+        and hasattr(s, "num_attention_heads")
+        and hasattr(s, "attention_head_size")
+        and hasattr(s, "has_relative_position_bias")
+        and isinstance(getattr(s, "dropout", None), nn.Dropout)
+    )
+
+
+def hf_relpos_unsupported_reasons(m: nn.Module) -> list[str]:
+    s = m.attention
+    reasons = []
+    if s.num_attention_heads * s.attention_head_size != s.query.out_features:
+        reasons.append("query width is not heads x head size")
+    if s.has_relative_position_bias and not hasattr(getattr(s, "config", None), "patch_size"):
+        reasons.append("relative-position bias without config.patch_size (the window is derived from it)")
+    return reasons
+
+
+class FusedHFRelPosAttention(nn.Module):
+    """Hugging Face's BEiT-family attention (``Data2VecVisionAttention``; ``BeitAttention`` before transformers 5) on
+    the fused attention op: ``output.dense(softmax(q k^T / sqrt(d) + B_rel [+ B_shared]) v)``.
+
+    The original's ``attention`` (query / key / value Linears, the ``relative_position_bias`` module) and ``output``
+    submodules are kept as they are, so ``state_dict()`` has the original's keys and shapes and loads both ways, and the
+    relative-position bias (H, N, N) is computed by the original's own module (interpolation included), then passed to
+    :func:`pykernels.functional.attention` as an additive bias together with the shared bias the encoder may pass.
+    ``output_attentions=True`` runs the original class's own forward (the weights are materialised there only).
+    """
+
+    def __init__(self, module: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.attention = module.attention
+        self.output = module.output
+        self.backend = backend
+        self._original_forward = type(module).forward
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None) -> FusedHFRelPosAttention:
+        if not is_hf_relpos_candidate(module):
+            raise TypeError(f"{type(module).__name__} is not a Hugging Face self / output attention with query / key")
+        problems = hf_relpos_unsupported_reasons(module)
+        if problems:
+            raise ValueError(f"{type(module).__name__}: " + "; ".join(problems))
+        return cls(module, backend).train(module.training)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        relative_position_bias: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        resolution: tuple[int, int] | None = None,
+    ):
+        """Returns ``(out, None)`` as the SDPA original (``(out, weights)`` with ``output_attentions=True``)."""
+        if output_attentions:
+            return self._original_forward(
+                self, hidden_states, True, relative_position_bias, interpolate_pos_encoding, resolution
+            )
+        s = self.attention
+        batch, n, _ = hidden_states.shape
+        heads, head_dim = s.num_attention_heads, s.attention_head_size
+        q, k, v = (_linear(hidden_states, p).view(batch, n, heads, head_dim) for p in (s.query, s.key, s.value))
+        bias = None
+        if s.has_relative_position_bias:
+            if resolution is None:
+                raise ValueError("a relative-position bias needs resolution=(height, width) of the image")
+            height, width = resolution
+            window = (height // s.config.patch_size, width // s.config.patch_size)
+            bias = s.relative_position_bias(window, interpolate_pos_encoding, dim_size=n)
+        if relative_position_bias is not None:
+            bias = relative_position_bias if bias is None else bias + relative_position_bias
+        dropout_p = s.dropout.p if self.training else 0.0
+        out = F.attention(q, k, v, bias, None, False, head_dim**-0.5, dropout_p, self.backend)
+        return self.output(out.flatten(2), hidden_states), None

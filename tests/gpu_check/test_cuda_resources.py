@@ -183,7 +183,8 @@ def summary(rows: list[dict]) -> str:
     return (
         f"{len(rows)} kernels x archs ({len({(r['kernel'], r['config']) for r in rows})} kernels, archs "
         f"{sorted({r['arch'] for r in rows})}), {failed} failed; max registers "
-        f"{max((r['registers'] for r in rows), default=0)}, max stack {max((r['stack'] for r in rows), default=0)} B\n\n"
+        f"{max((r['registers'] for r in rows), default=0)}, max stack {max((r['stack'] for r in rows), default=0)} B"
+        "\n\n"
         + occupancy_rules.summary(rows, "CUDA extension; smem = static + the launcher's dynamic budget: a lower bound")
     )
 
@@ -207,6 +208,12 @@ def test_cuda_kernels_have_no_spills(rows, record_property):
         record_property(CUDA_ROW_PROPERTY, row)
     failed = [r for r in rows if r["problems"]]
     assert not failed, "\n" + format_table(failed)
+
+
+def test_low_occupancy_has_a_reason(rows):
+    """Every kernel below 25% theoretical occupancy (at its launcher's shared-memory budget) is documented."""
+    problems = occupancy_rules.undocumented(rows)
+    assert not problems, "\n".join(problems)
 
 
 def test_every_kernel_is_built_for_every_arch(rows):

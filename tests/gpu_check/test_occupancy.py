@@ -47,3 +47,16 @@ def test_launches_that_cannot_run_have_no_occupancy():
 def test_flag_threshold():
     assert O.flagged(O.occupancy("sm80", 128, 255))  # 12.5%
     assert not O.flagged(O.occupancy("sm90", 256, 128))  # 25% exactly is not below
+
+
+def test_undocumented_flags_name_the_kernel():
+    rows = [
+        {"stem": "x", "kernel": "k", "label": "a", "target": "sm80", "occupancy": 0.125, "occupancy_limiter": "smem"},
+        {"stem": "x", "kernel": "k", "label": "b", "target": "sm90", "occupancy": 0.5, "occupancy_limiter": "warps"},
+        {"stem": "dwconv_ln", "kernel": "dwconv_ln_fwd_kernel", "config": "c", "arch": "sm_80", "occupancy": 0.125},
+    ]
+    problems = O.undocumented(rows)
+    assert len(problems) == 1 and problems[0].startswith("x.k a on sm80: occupancy 12.5% (smem)")
+    text = O.summary(rows, "test")
+    assert "x.k: 12.5 - 50.0% over 2 compiles, 1 flagged: UNDOCUMENTED" in text
+    assert "dwconv_ln.dwconv_ln_fwd_kernel: 12.5 - 12.5% over 1 compiles, 1 flagged: the CUDA launcher's" in text

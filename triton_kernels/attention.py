@@ -227,6 +227,7 @@ PARTIAL8_SPILLS: dict[tuple[str, int, int, bool], tuple[tuple[int, int, int, int
     ("fwd", 256, 2, True): ((64, 32, 8, 2), (32, 32, 4, 2)),
     ("dkdv", 256, 2, False): ((32, 64, 8, 2),),  # head dim 200, plain: 4 B on sm_80
     ("dkdv", 256, 2, True): ((16, 16, 4, 1),),  # head dim 200 with dropout, masked: 4 B on sm_90 (16 x 32 does not)
+    ("dkdv", 32, 2, True): ((32, 64, 8, 2),),  # head dim 24 with dropout, masked: 8 B on sm_80
 }
 
 

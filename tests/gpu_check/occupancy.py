@@ -111,6 +111,19 @@ KNOWN_LOW: dict[tuple[str, str], str] = {
             "dwconv_ln_bwd_weight_kernel",
         )
     },
+    **{
+        ("attention", k): (
+            "FlashAttention-style tiles: a 64-128 row tile of scores, its softmax state and the output accumulator "
+            "live in registers (128-255 per thread), so one or two blocks fit per SM (12.5-25%); latency is hidden by "
+            "the tile's independent MMAs, as in FlashAttention-2; the tables keep the largest tile that does not spill"
+        )
+        for k in (
+            "_attention_fwd_kernel",
+            "_attention_bwd_dq_kernel",
+            "_attention_bwd_dkdv_kernel",
+            "_attention_bwd_preprocess_kernel",
+        )
+    },
     ("mbconv_se", "mbconv_se_bwd_main_kernel"): (
         "k = 5 stride 2 and k = 7 specialisations hold the recomputed k x k window, the activation and BatchNorm "
         "gradients in registers (140-193 per thread): one 8-warp block per SM (12.5%); k = 3 and k = 5 stride 1: 25%"

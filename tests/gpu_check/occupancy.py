@@ -121,9 +121,13 @@ KNOWN_LOW: dict[tuple[str, str], str] = {
             "_attention_fwd_kernel",
             "_attention_bwd_dq_kernel",
             "_attention_bwd_dkdv_kernel",
-            "_attention_bwd_preprocess_kernel",
         )
     },
+    ("drop_path", "_drop_path_add_bwd_kernel"): (
+        "only the float16 + float64 mix accumulated in float64 on unaligned NCHW rows (sm_80: 155-156 registers, one "
+        "8-warp program per SM): a rare dtype mix, no benchmark or model path; every float16 / bfloat16 / float32 "
+        "specialisation runs at 37.5-100%"
+    ),
     ("mbconv_se", "mbconv_se_bwd_main_kernel"): (
         "k = 5 stride 2 and k = 7 specialisations hold the recomputed k x k window, the activation and BatchNorm "
         "gradients in registers (140-193 per thread): one 8-warp block per SM (12.5%); k = 3 and k = 5 stride 1: 25%"

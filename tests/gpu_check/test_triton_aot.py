@@ -17,7 +17,7 @@ import pytest
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from . import aot  # noqa: E402
+from . import aot, occupancy  # noqa: E402
 from .conftest import ROW_PROPERTY  # noqa: E402
 
 # Discovery imports the kernel modules: only when the gate runs (under TRITON_INTERPRET the kernels are not
@@ -47,7 +47,11 @@ def test_kernel_compiles_without_spills(spec, target, record_property):
     if spec is None:
         pytest.fail(f"no AOT specs discovered ({DISCOVERY_ERROR!r})")
     result = aot.check(spec, target)
-    record_property(ROW_PROPERTY, result.as_row())
+    row = result.as_row()
+    record_property(ROW_PROPERTY, row)
+    low = occupancy.undocumented([row])  # below 25% theoretical occupancy without a reason in occupancy.KNOWN_LOW
+    if result.ok and low:
+        pytest.fail(low[0], pytrace=False)
     if not result.ok:
         log = result.log.strip()
         pytest.fail(

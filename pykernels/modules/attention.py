@@ -399,11 +399,16 @@ _WINDOW_SELF_HALF = (
 )
 
 
+def _has_qkv_linears(m: nn.Module) -> bool:
+    """``query`` / ``key`` / ``value`` Linears: the attention half of Hugging Face's older self / output layout."""
+    return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+
+
 def _is_hf_window_self_half(m: nn.Module) -> bool:
     """HF ``*SwinSelfAttention``-style modules: query / key / value Linears and a window position bias."""
     return (
         type(m).__module__.startswith("transformers.")
-        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and _has_qkv_linears(m)
         and (hasattr(m, "relative_position_bias_table") or hasattr(m, "logit_scale"))
         and hasattr(m, "window_size")
     )
@@ -419,7 +424,7 @@ def _is_hf_relpos_self_half(m: nn.Module) -> bool:
     """HF ``Data2VecVisionSelfAttention``-style modules: query / key / value Linears and has_relative_position_bias."""
     return (
         type(m).__module__.startswith("transformers.")
-        and all(isinstance(getattr(m, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and _has_qkv_linears(m)
         and hasattr(m, "has_relative_position_bias")
     )
 
@@ -1172,7 +1177,7 @@ def window_layout(m: nn.Module) -> str | None:
         return "hf" if _is_hf_vit_attention(m) else None
     if name in _HF_OLD_LAYOUT and isinstance(getattr(m, "self", None), nn.Module):
         s = m.self
-        has_qkv = all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
+        has_qkv = _has_qkv_linears(s)
         has_bias = hasattr(s, "relative_position_bias_table") or hasattr(s, "logit_scale")
         if has_qkv and has_bias and isinstance(getattr(getattr(m, "output", None), "dense", None), nn.Linear):
             return "hf_self_output"
@@ -1432,7 +1437,7 @@ def is_hf_relpos_candidate(m: nn.Module) -> bool:
     return (
         isinstance(s, nn.Module)
         and isinstance(o, nn.Module)
-        and all(isinstance(getattr(s, n, None), nn.Linear) for n in ("query", "key", "value"))
+        and _has_qkv_linears(s)
         and isinstance(getattr(o, "dense", None), nn.Linear)
         and hasattr(s, "num_attention_heads")
         and hasattr(s, "attention_head_size")
